@@ -1,0 +1,629 @@
+""" ScalableViT
+
+Paper: `ScalableViT: Rethinking the Context-oriented Generalization of Vision Transformer`
+    - https://arxiv.org/abs/2203.10790
+
+@article{ScalableVit,
+  title={Scalablevit: Rethinking the context-oriented generalization of vision transformer},
+  author={Yang, Rui and Ma, Hailong and Wu, Jie and Tang, Yansong and Xiao, Xuefeng and Zheng, Min and Li, Xiu},
+  journal={arXiv preprint arXiv:2203.10790},
+  year={2022}
+}
+
+A reimplementation of the released classification model (itself built on Twins), with parameter names and
+shapes identical to the released checkpoints so they load with ``strict=True``. Blocks alternate Interactive
+Window Self-Attention (IWSA, even blocks) and Scalable Self-Attention (SSA, odd blocks); a depthwise positional
+conv follows the first block of every stage.
+
+Beyond the released code: any input size (IWSA pads to whole windows and masks the padding, SSA pads to a
+multiple of its reduction ratio; both are no-ops at 224), fused ``F.scaled_dot_product_attention`` with the
+plain attention kept as the reference path, and timm's feature API (``forward_intermediates``,
+``features_only=True``) for dense prediction.
+
+Layout follows timm's ``pvt_v2.py`` / ``twins.py``.
+"""
+import math
+from functools import partial
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_, use_fused_attn
+from timm.models._features import feature_take_indices
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+__all__ = ['ScalableViT', 'ScalableSelfAttention', 'InteractiveWindowAttention', 'Block', 'PatchEmbed', 'PosConv']
+
+_LayerNorm = partial(nn.LayerNorm, eps=1e-6)
+
+
+def _attention(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float,
+        fused: bool,
+        dropout_p: float,
+        attn_drop: nn.Module,
+        mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """softmax(q k^T * scale) v over the last two dims; ``mask`` (bool, True = attend) broadcasts over scores.
+
+    The fused branch is ``F.scaled_dot_product_attention`` with the explicit scale; the plain branch is the
+    reference (the released computation) and the export path.
+    """
+    if fused:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    attn = (q * scale) @ k.transpose(-2, -1)  # (..., Nq, Nk)
+    if mask is not None:
+        attn = attn.masked_fill(~mask, float('-inf'))
+    attn = attn.softmax(dim=-1)
+    attn = attn_drop(attn)
+    return attn @ v  # (..., Nq, dv)
+
+
+class PatchEmbed(nn.Module):
+    """Strided conv + LayerNorm; returns tokens and the spatial size the conv produced."""
+
+    def __init__(self, in_chans: int, embed_dim: int, kernel_size: int, stride: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size, stride=stride, padding=kernel_size // 2)
+        self.norm = _LayerNorm(embed_dim)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        x = self.proj(x)
+        H, W = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)  # (B, N, C)
+        return self.norm(x), (H, W)
+
+
+class PosConv(nn.Module):
+    """Positional encoding: residual depthwise 3x3 conv on the token map (Twins' PEG)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.proj = nn.Sequential(nn.Conv2d(dim, dim, 3, 1, 1, bias=True, groups=dim))
+
+    def forward(self, x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+        B, N, C = x.shape
+        feat = x.transpose(1, 2).reshape(B, C, size[0], size[1])  # (B, C, H, W)
+        x = self.proj(feat) + feat
+        return x.flatten(2).transpose(1, 2)  # (B, N, C)
+
+
+class ScalableSelfAttention(nn.Module):
+    """Scalable Self-Attention (SSA).
+
+    Spatial scalability: keys and values come from the map reduced ``sr_ratio`` times by a depthwise strided
+    conv. Channel scalability: queries and keys have ``int(dim * c_ratio)`` channels while values keep ``dim``.
+    The scale is ``(head_dim * c_ratio) ** -0.5`` as released, not the inverse root of the q/k head width.
+    """
+    fused_attn: torch.jit.Final[bool]
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int = 8,
+            qkv_bias: bool = True,
+            attn_drop: float = 0.,
+            proj_drop: float = 0.,
+            sr_ratio: int = 1,
+            c_ratio: float = 1.,
+    ):
+        super().__init__()
+        assert dim % num_heads == 0, f'dim {dim} should be divided by num_heads {num_heads}.'
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.sr_ratio = sr_ratio
+        self.c_dim = int(dim * c_ratio) if sr_ratio > 1 else dim
+        assert self.c_dim % num_heads == 0, f'int(dim * c_ratio) = {self.c_dim} should be divided by num_heads.'
+        self.scale = (self.head_dim * c_ratio) ** -0.5
+        self.fused_attn = use_fused_attn()
+
+        self.q = nn.Linear(dim, self.c_dim, bias=qkv_bias)
+        if sr_ratio > 1:
+            self.reduction = nn.Sequential(
+                nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio, groups=dim),
+                nn.Conv2d(dim, self.c_dim, kernel_size=1),
+            )
+            self.norm_act = nn.Sequential(nn.LayerNorm(self.c_dim), nn.GELU())  # eps 1e-5, as released
+            self.k = nn.Linear(self.c_dim, self.c_dim, bias=qkv_bias)
+            self.v = nn.Linear(self.c_dim, dim, bias=qkv_bias)
+        else:
+            self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+        B, N, C = x.shape
+        h = self.num_heads
+        q = self.q(x).reshape(B, N, h, -1).transpose(1, 2)  # (B, h, N, c_dim / h)
+        if self.sr_ratio > 1:
+            H, W = size
+            x_ = x.transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
+            r = self.sr_ratio
+            pad_b, pad_r = (r - H % r) % r, (r - W % r) % r
+            if pad_b or pad_r:
+                x_ = F.pad(x_, (0, pad_r, 0, pad_b))
+            x_ = self.reduction(x_).flatten(2).transpose(1, 2)  # (B, M, c_dim), M = ceil(H / r) * ceil(W / r)
+            x_ = self.norm_act(x_)
+            k = self.k(x_).reshape(B, -1, h, self.c_dim // h).transpose(1, 2)  # (B, h, M, c_dim / h)
+            v = self.v(x_).reshape(B, -1, h, self.head_dim).transpose(1, 2)  # (B, h, M, d)
+        else:
+            kv = self.kv(x).reshape(B, N, 2, h, self.head_dim).permute(2, 0, 3, 1, 4)  # (2, B, h, N, d)
+            k, v = kv.unbind(0)
+        x = _attention(
+            q, k, v, self.scale, self.fused_attn, self.attn_drop.p if self.training else 0., self.attn_drop)
+        x = x.transpose(1, 2).reshape(B, N, C)  # (B, N, C)
+        x = self.proj(x)
+        return self.proj_drop(x)
+
+
+class InteractiveWindowAttention(nn.Module):
+    """Interactive Window Self-Attention (IWSA).
+
+    Self-attention inside non-overlapping ``ws x ws`` windows, plus the local interactive module (LIM): the
+    value map through a depthwise 3x3 conv (``lim_func``), added to the attention output so that windows
+    exchange information. Maps that are not whole windows are padded at right/bottom; padded keys are masked
+    out, so every real token sees exactly the real tokens of its window.
+    """
+    fused_attn: torch.jit.Final[bool]
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int = 8,
+            qkv_bias: bool = True,
+            attn_drop: float = 0.,
+            proj_drop: float = 0.,
+            ws: int = 7,
+    ):
+        super().__init__()
+        assert dim % num_heads == 0, f'dim {dim} should be divided by num_heads {num_heads}.'
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.ws = ws
+        self.scale = self.head_dim ** -0.5
+        self.fused_attn = use_fused_attn()
+
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.lim_func = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
+
+    def _pad_mask(self, H: int, W: int, Hp: int, Wp: int, device: torch.device) -> torch.Tensor:
+        """(Hp/ws * Wp/ws, 1, 1, ws*ws) bool, True where the key is a real (not padded) token."""
+        ws = self.ws
+        real = torch.zeros(Hp, Wp, dtype=torch.bool, device=device)
+        real[:H, :W] = True
+        real = real.reshape(Hp // ws, ws, Wp // ws, ws).transpose(1, 2)  # (hg, wg, ws, ws)
+        return real.reshape(-1, 1, 1, ws * ws)  # (nW, 1, 1, L)
+
+    def forward(self, x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+        B, N, C = x.shape
+        H, W = size
+        ws, h, d = self.ws, self.num_heads, self.head_dim
+        qkv = self.qkv(x)  # (B, N, 3C)
+        # LIM on the value map at its real size
+        v_map = qkv[..., 2 * C:].transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
+        lim = self.lim_func(v_map).flatten(2).transpose(1, 2)  # (B, N, C)
+
+        qkv = qkv.reshape(B, H, W, 3 * C)  # (B, H, W, 3C)
+        pad_b, pad_r = (ws - H % ws) % ws, (ws - W % ws) % ws
+        mask = None
+        if pad_b or pad_r:
+            qkv = F.pad(qkv, (0, 0, 0, pad_r, 0, pad_b))
+        Hp, Wp = H + pad_b, W + pad_r
+        hg, wg = Hp // ws, Wp // ws
+        if pad_b or pad_r:
+            mask = self._pad_mask(H, W, Hp, Wp, x.device).repeat(B, 1, 1, 1)  # (B * nW, 1, 1, L)
+        # one partition for q, k and v together
+        qkv = qkv.reshape(B, hg, ws, wg, ws, 3, h, d).permute(5, 0, 1, 3, 6, 2, 4, 7)  # (3, B, hg, wg, h, ws, ws, d)
+        q, k, v = qkv.reshape(3, B * hg * wg, h, ws * ws, d).unbind(0)  # (B * nW, h, L, d)
+
+        x = _attention(
+            q, k, v, self.scale, self.fused_attn, self.attn_drop.p if self.training else 0., self.attn_drop, mask)
+        x = x.reshape(B, hg, wg, h, ws, ws, d).permute(0, 1, 4, 2, 5, 3, 6)  # (B, hg, ws, wg, ws, h, d)
+        x = x.reshape(B, Hp, Wp, C)  # (B, Hp, Wp, C)
+        if pad_b or pad_r:
+            x = x[:, :H, :W]
+        x = x.reshape(B, N, C) + lim  # (B, N, C)
+        x = self.proj(x)
+        return self.proj_drop(x)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with IWSA (``ws`` set) or SSA (``ws=None``) attention."""
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = True,
+            proj_drop: float = 0.,
+            attn_drop: float = 0.,
+            drop_path: float = 0.,
+            sr_ratio: int = 1,
+            c_ratio: float = 1.,
+            ws: Optional[int] = None,
+            act_layer: Callable = nn.GELU,
+            norm_layer: Callable = _LayerNorm,
+    ):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        if ws is None:
+            self.attn = ScalableSelfAttention(
+                dim, num_heads, qkv_bias, attn_drop, proj_drop, sr_ratio=sr_ratio, c_ratio=c_ratio)
+        else:
+            self.attn = InteractiveWindowAttention(dim, num_heads, qkv_bias, attn_drop, proj_drop, ws=ws)
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
+
+    def forward(self, x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), size))
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return x
+
+
+class ScalableViT(nn.Module):
+    """ScalableViT.
+
+    Args:
+        img_size: nominal input size (pretrained cfg only; any size is accepted).
+        patch_size: stride of the first patch embedding.
+        in_chans: input channels.
+        num_classes: classes of the head; 0 gives pooled features.
+        embed_dims: channels of each stage.
+        num_heads: attention heads of each stage.
+        mlp_ratios: MLP expansion of each stage.
+        qkv_bias: bias on q/k/v projections.
+        drop_rate: dropout after each patch embedding and before the head.
+        attn_drop_rate: dropout on attention weights.
+        drop_path_rate: stochastic depth, growing linearly from 0 over all blocks.
+        depths: blocks per stage.
+        wss: IWSA window size of each stage.
+        sr_ratios: SSA spatial reduction of each stage.
+        c_ratios: SSA channel ratio of each stage.
+        mlp_head: the released 4096-wide MLP head (``Linear -> LayerNorm -> GELU -> Linear``); ``False`` gives a
+            plain ``Linear`` head, as ``reset_classifier`` does.
+        global_pool: ``'avg'`` (mean over tokens) or ``''``.
+    """
+
+    def __init__(
+            self,
+            img_size: Union[int, Tuple[int, int]] = 224,
+            patch_size: int = 4,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            embed_dims: Sequence[int] = (64, 128, 256, 512),
+            num_heads: Sequence[int] = (2, 4, 8, 16),
+            mlp_ratios: Sequence[float] = (4, 4, 4, 4),
+            qkv_bias: bool = True,
+            drop_rate: float = 0.,
+            attn_drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            depths: Sequence[int] = (2, 2, 20, 2),
+            wss: Sequence[int] = (7, 7, 7, 7),
+            sr_ratios: Sequence[int] = (8, 4, 2, 1),
+            c_ratios: Sequence[float] = (1.25, 1.25, 1.25, 1),
+            mlp_head: bool = True,
+            head_hidden_size: int = 4096,
+            global_pool: str = 'avg',
+            norm_layer: Callable = _LayerNorm,
+    ):
+        super().__init__()
+        assert global_pool in ('avg', ''), f'global_pool must be "avg" or "", got {global_pool!r}'
+        num_stages = len(depths)
+        for name, v in dict(embed_dims=embed_dims, num_heads=num_heads, mlp_ratios=mlp_ratios, wss=wss,
+                            sr_ratios=sr_ratios, c_ratios=c_ratios).items():
+            if len(v) != num_stages:
+                raise ValueError(f'{name} has {len(v)} entries but depths has {num_stages} stages')
+        self.img_size = to_2tuple(img_size)
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.depths = tuple(depths)
+        self.embed_dims = tuple(embed_dims)
+        self.num_features = self.head_hidden_size = embed_dims[-1]
+        self.grad_checkpointing = False
+
+        self.patch_embeds = nn.ModuleList()
+        self.pos_drops = nn.ModuleList()
+        prev_chs = in_chans
+        for i in range(num_stages):
+            if i == 0:
+                self.patch_embeds.append(PatchEmbed(prev_chs, embed_dims[i], kernel_size=patch_size + 3,
+                                                    stride=patch_size))
+            else:
+                self.patch_embeds.append(PatchEmbed(prev_chs, embed_dims[i], kernel_size=3, stride=2))
+            self.pos_drops.append(nn.Dropout(p=drop_rate))
+            prev_chs = embed_dims[i]
+
+        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths))]
+        self.stages = nn.ModuleList()
+        self.feature_info = []
+        cur = 0
+        for i in range(num_stages):
+            self.stages.append(nn.ModuleList([Block(
+                dim=embed_dims[i],
+                num_heads=num_heads[i],
+                mlp_ratio=mlp_ratios[i],
+                qkv_bias=qkv_bias,
+                proj_drop=drop_rate,
+                attn_drop=attn_drop_rate,
+                drop_path=dpr[cur + j],
+                sr_ratio=sr_ratios[i],
+                c_ratio=c_ratios[i],
+                ws=wss[i] if j % 2 == 0 else None,
+                norm_layer=norm_layer,
+            ) for j in range(depths[i])]))
+            self.feature_info += [dict(num_chs=embed_dims[i], reduction=patch_size * 2 ** i, module=f'stages.{i}')]
+            cur += depths[i]
+        self.pos_block = nn.ModuleList([PosConv(d) for d in embed_dims])
+        self.norm = norm_layer(self.num_features)
+
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = self._make_head(num_classes, mlp_head, head_hidden_size)
+        self.apply(self._init_weights)
+
+    def _make_head(self, num_classes: int, mlp_head: bool, hidden: int = 4096) -> nn.Module:
+        if num_classes <= 0:
+            return nn.Identity()
+        if mlp_head:
+            return nn.Sequential(
+                nn.Linear(self.num_features, hidden), _LayerNorm(hidden), nn.GELU(), nn.Linear(hidden, num_classes))
+        return nn.Linear(self.num_features, num_classes)
+
+    @staticmethod
+    def _init_weights(m: nn.Module):
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+            m.weight.data.normal_(0, math.sqrt(2.0 / fan_out))
+            if m.bias is not None:
+                m.bias.data.zero_()
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return {n for n, _ in self.named_parameters() if n.startswith('pos_block.')}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict:
+        if coarse:
+            blocks = [(r'^(?:patch_embeds|pos_block|stages)\.(\d+)', None), (r'^norm', (99999,))]
+        else:
+            blocks = [
+                (r'^stages\.(\d+)\.(\d+)', None),
+                (r'^(?:patch_embeds|pos_block)\.(\d+)', (0,)),
+                (r'^norm', (99999,)),
+            ]
+        return dict(stem=r'^patch_embeds\.0', blocks=blocks)
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True):
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def set_fused_attn(self, enable: bool = True):
+        """Switch every attention between the fused SDPA path and the plain reference path."""
+        for m in self.modules():
+            if isinstance(m, (ScalableSelfAttention, InteractiveWindowAttention)):
+                m.fused_attn = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
+        """Replace the head by a plain ``Linear(num_features, num_classes)`` (identity for 0 classes)."""
+        self.num_classes = num_classes
+        if global_pool is not None:
+            assert global_pool in ('avg', '')
+            self.global_pool = global_pool
+        self.head = self._make_head(num_classes, mlp_head=False)
+        if isinstance(self.head, nn.Linear):
+            self._init_weights(self.head)
+
+    def _run_stage(self, i: int, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        """Patch embedding, blocks and positional conv of stage ``i``; NCHW in, tokens (B, N, C) out."""
+        x, size = self.patch_embeds[i](x)
+        x = self.pos_drops[i](x)
+        for j, blk in enumerate(self.stages[i]):
+            if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
+                x = checkpoint(blk, x, size, use_reentrant=False)
+            else:
+                x = blk(x, size)
+            if j == 0:
+                x = self.pos_block[i](x, size)
+        return x, size
+
+    @staticmethod
+    def _to_nchw(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+        B, N, C = x.shape
+        return x.transpose(1, 2).reshape(B, C, size[0], size[1])  # (B, C, H, W)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Forward returning the outputs of the selected stages.
+
+        Args:
+            x: input images (B, C, H, W), any H and W.
+            indices: stages to return (``int``: the last n), ``None`` for all.
+            norm: apply the final norm to the last stage's output.
+            stop_early: stop after the last selected stage.
+            output_fmt: ``'NCHW'`` or ``'NLC'`` (tokens).
+            intermediates_only: return only the intermediates.
+
+        Returns:
+            The intermediates, or (final tokens (B, N, C) after the norm, intermediates).
+        """
+        assert output_fmt in ('NCHW', 'NLC'), 'output_fmt must be NCHW or NLC.'
+        num_stages = len(self.stages)
+        take_indices, max_index = feature_take_indices(num_stages, indices)
+        last = max_index if (stop_early or intermediates_only) else num_stages - 1
+        intermediates = []
+        for i in range(last + 1):
+            x, size = self._run_stage(i, x)
+            if i in take_indices:
+                y = self.norm(x) if (norm and i == num_stages - 1) else x
+                intermediates.append(self._to_nchw(y, size) if output_fmt == 'NCHW' else y)
+            if i < last:
+                x = self._to_nchw(x, size)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the stages after the last index kept (and optionally norm and head)."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        for name in ('patch_embeds', 'pos_drops', 'stages', 'pos_block'):
+            setattr(self, name, getattr(self, name)[:max_index + 1])
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> final normed tokens (B, N, C)."""
+        num_stages = len(self.stages)
+        for i in range(num_stages):
+            x, size = self._run_stage(i, x)
+            if i < num_stages - 1:
+                x = self._to_nchw(x, size)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == 'avg':
+            x = x.mean(dim=1)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_features(x)
+        return self.forward_head(x)
+
+
+def unwrap_state_dict(checkpoint: Dict) -> Dict[str, torch.Tensor]:
+    """The weights of a checkpoint: the released file (``'model'``), timm/ours (plain or ``'state_dict'``)."""
+    if not isinstance(checkpoint, dict):
+        raise TypeError(f'expected a checkpoint dict, got {type(checkpoint).__name__}')
+    for key in ('model', 'state_dict', 'model_ema', 'state_dict_ema'):
+        if key in checkpoint and isinstance(checkpoint[key], dict):
+            checkpoint = checkpoint[key]
+            break
+    state_dict = {}
+    for k, v in checkpoint.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        for prefix in ('module.', '_orig_mod.'):  # DDP / torch.compile wrappers
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        state_dict[k] = v
+    return state_dict
+
+
+def checkpoint_filter_fn(state_dict: Dict, model: ScalableViT) -> Dict[str, torch.Tensor]:
+    """Released or own checkpoint -> ``model``'s state dict (names are already the released ones).
+
+    A head that does not fit ``model`` (plain ``Linear`` vs the released 4096 MLP, or no head) is dropped; every
+    other key is passed on unchanged, so a wrong checkpoint fails the strict load naming its keys.
+    """
+    state_dict = unwrap_state_dict(state_dict)
+    own = model.state_dict()
+    head = {k for k in state_dict if k.startswith('head.')}
+    own_head = {k for k in own if k.startswith('head.')}
+    if head != own_head:
+        state_dict = {k: v for k, v in state_dict.items() if k not in head}
+    return state_dict
+
+
+def _create_scalable_vit(variant: str, pretrained: bool = False, **kwargs) -> ScalableViT:
+    out_indices = kwargs.pop('out_indices', 4)
+    return build_model_with_cfg(
+        ScalableViT,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(feature_cls='getter', out_indices=out_indices),
+        **kwargs,
+    )
+
+
+def _cfg(url: str = '', **kwargs) -> Dict:
+    return {
+        'url': url,
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None,
+        'crop_pct': .875, 'interpolation': 'bicubic',
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'patch_embeds.0.proj', 'classifier': 'head.3',
+        'license': 'apache-2.0',
+        'paper_ids': 'arXiv:2203.10790',
+        'paper_name': 'ScalableViT: Rethinking the Context-oriented Generalization of Vision Transformer',
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'scalable_vit_small.in1k': _cfg(),
+    'scalable_vit_base.in1k': _cfg(),
+    'scalable_vit_large.in1k': _cfg(),
+})
+
+# Released sizes (ARCHITECTURE.md); the only place they are written down.
+MODEL_ARGS = {
+    'scalable_vit_small': dict(
+        embed_dims=(64, 128, 256, 512), num_heads=(2, 4, 8, 16), depths=(2, 2, 20, 2),
+        sr_ratios=(8, 4, 2, 1), c_ratios=(1.25, 1.25, 1.25, 1)),
+    'scalable_vit_base': dict(
+        embed_dims=(96, 192, 384, 768), num_heads=(3, 6, 12, 24), depths=(2, 2, 14, 6),
+        sr_ratios=(8, 4, 2, 1), c_ratios=(2, 1.25, 1.25, 1)),
+    'scalable_vit_large': dict(
+        embed_dims=(128, 256, 512, 1024), num_heads=(4, 8, 16, 32), depths=(2, 6, 12, 4),
+        sr_ratios=(8, 4, 2, 1), c_ratios=(0.25, 0.5, 1, 1)),
+}
+
+
+@register_model
+def scalable_vit_small(pretrained: bool = False, **kwargs) -> ScalableViT:
+    model_args = dict(MODEL_ARGS['scalable_vit_small'], **kwargs)
+    return _create_scalable_vit('scalable_vit_small', pretrained=pretrained, **model_args)
+
+
+@register_model
+def scalable_vit_base(pretrained: bool = False, **kwargs) -> ScalableViT:
+    model_args = dict(MODEL_ARGS['scalable_vit_base'], **kwargs)
+    return _create_scalable_vit('scalable_vit_base', pretrained=pretrained, **model_args)
+
+
+@register_model
+def scalable_vit_large(pretrained: bool = False, **kwargs) -> ScalableViT:
+    model_args = dict(MODEL_ARGS['scalable_vit_large'], **kwargs)
+    return _create_scalable_vit('scalable_vit_large', pretrained=pretrained, **model_args)
