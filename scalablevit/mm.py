@@ -1,0 +1,261 @@
+"""ScalableViT for OpenMMLab (mmengine / mmdet 3.x / mmseg 1.x).
+
+Import this through a config's ``custom_imports = dict(imports=['scalablevit.mm'], allow_failed_imports=False)``.
+It registers one backbone, ``ScalableViTBackbone``, in mmengine's root ``MODELS`` registry, which mmdet's and
+mmseg's registries search through their parent, so detection and segmentation share it. The backbone *is* the
+classification model (a subclass of :class:`scalablevit.ScalableViT`), so its parameter names are the
+released checkpoint's and an ImageNet checkpoint loads by name.
+
+Importing also makes mmengine usable on today's torch and on CPU (no effect on a CUDA machine's behaviour):
+
+* ``torch.load`` defaults to ``weights_only=True`` since torch 2.6; mmengine's own checkpoints carry a few
+  non-tensor objects (``HistoryBuffer``, numpy arrays and scalars). They are allow-listed one by one with
+  ``torch.serialization.add_safe_globals``; the safety is never turned off.
+* mmengine's PyTorch launcher always calls ``torch.cuda.set_device``; without CUDA it now initialises gloo.
+"""
+import logging
+import os
+from typing import Dict, Optional, Sequence, Union
+
+import torch
+import torch.distributed as torch_dist
+import torch.nn as nn
+
+from .model import MODEL_ARGS, ScalableViT, unwrap_state_dict
+
+try:
+    import mmengine
+    from mmengine.dist import utils as _mm_dist_utils
+    from mmengine.registry import MODELS
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        'scalablevit.mm needs the OpenMMLab stack (mmengine, mmcv with compiled ops, mmdet/mmseg); '
+        'install it with `bash install.sh` from the repository root') from e
+
+__all__ = ['ScalableViTBackbone', 'ARCH_ALIASES', 'CheckpointMismatchError', 'adapt_cfg_to_device',
+           'load_pretrained']
+
+_logger = logging.getLogger(__name__)
+
+ARCH_ALIASES = {'s': 'scalable_vit_small', 'b': 'scalable_vit_base', 'l': 'scalable_vit_large'}
+
+
+class CheckpointMismatchError(KeyError):
+    """A checkpoint whose keys or shapes do not fit the backbone; the message lists them."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def _allow_mmengine_checkpoints():
+    """Allow-list exactly what mmengine checkpoints (message hub, numpy state) need under weights_only."""
+    import numpy as np
+    from mmengine.logging.history_buffer import HistoryBuffer
+
+    safe = [HistoryBuffer, np.ndarray, np.dtype, getattr]
+    safe += [type(np.dtype(t)) for t in ('bool', 'int8', 'int16', 'int32', 'int64', 'uint8', 'float16',
+                                         'float32', 'float64')]
+    core = getattr(np, '_core', None) or np.core
+    safe += [core.multiarray.scalar, core.multiarray._reconstruct]
+    torch.serialization.add_safe_globals(safe)
+
+
+def _init_dist_pytorch_any_device(backend: str, init_backend: str = 'torch', **kwargs) -> None:
+    """mmengine's PyTorch launcher, but gloo and no ``cuda.set_device`` when there is no GPU."""
+    if torch.cuda.is_available() or init_backend != 'torch':
+        return _orig_init_dist_pytorch(backend, init_backend=init_backend, **kwargs)
+    torch_dist.init_process_group(backend='gloo', **kwargs)
+
+
+_allow_mmengine_checkpoints()
+if _mm_dist_utils._init_dist_pytorch is not _init_dist_pytorch_any_device:
+    _orig_init_dist_pytorch = _mm_dist_utils._init_dist_pytorch
+    _mm_dist_utils._init_dist_pytorch = _init_dist_pytorch_any_device
+
+
+def adapt_cfg_to_device(cfg, device: Optional[str] = None):
+    """Make a GPU config run on CPU when there is no GPU (gloo, DDP without device ids, BN for SyncBN).
+
+    Shared by ``detection/train.py|test.py`` and ``segmentation/train.py|test.py``; does nothing on CUDA.
+    """
+    device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    if device != 'cpu':
+        return cfg
+    cfg.setdefault('env_cfg', {}).setdefault('dist_cfg', {})['backend'] = 'gloo'
+    cfg.model_wrapper_cfg = dict(
+        type='MMDistributedDataParallel', device_ids=None, broadcast_buffers=False,
+        find_unused_parameters=cfg.get('find_unused_parameters', False))
+
+    def _no_sync_bn(node):
+        if isinstance(node, dict):
+            if node.get('type') == 'SyncBN':
+                node['type'] = 'BN'
+            for v in node.values():
+                _no_sync_bn(v)
+        elif isinstance(node, (list, tuple)):
+            for v in node:
+                _no_sync_bn(v)
+
+    _no_sync_bn(cfg.model)
+    return cfg
+
+
+def _arch_args(arch: Union[str, Dict]) -> Dict:
+    if isinstance(arch, dict):
+        return dict(arch)
+    name = ARCH_ALIASES.get(arch.lower(), arch)
+    if name not in MODEL_ARGS:
+        raise ValueError(f'unknown ScalableViT arch {arch!r}; use one of {sorted(ARCH_ALIASES)}, '
+                         f'{sorted(MODEL_ARGS)} or a dict of sizes')
+    return dict(MODEL_ARGS[name])
+
+
+def load_pretrained(model: ScalableViT, checkpoint: Union[str, Dict], prefix: str = '') -> Dict[str, list]:
+    """Load an ImageNet checkpoint (released file, ``classification/`` output or timm) into a backbone.
+
+    The classification head and final norm are dropped (the backbone has none); weights of stages the backbone
+    does not build (``out_indices`` stops early) are skipped. Anything else missing or unexpected, or of the
+    wrong shape, raises naming the keys; nothing is half-loaded silently.
+
+    Returns:
+        ``dict(dropped=[...], skipped=[...], missing=[...])`` (``missing``: keys the backbone initialises itself,
+        its output norms).
+    """
+    if isinstance(checkpoint, str):
+        if not os.path.isfile(checkpoint):
+            raise FileNotFoundError(f'pretrained checkpoint not found: {checkpoint}')
+        checkpoint = torch.load(checkpoint, map_location='cpu', weights_only=True)
+    state_dict = unwrap_state_dict(checkpoint)
+    if prefix:
+        state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    own = model.state_dict()
+    num_stages = len(model.stages)
+    dropped, skipped, load = [], [], {}
+    for k, v in state_dict.items():
+        if k.startswith(('head.', 'norm.')) and k not in own:
+            dropped.append(k)
+            continue
+        parts = k.split('.')
+        if (parts[0] in ('patch_embeds', 'stages', 'pos_block') and len(parts) > 1 and parts[1].isdigit()
+                and int(parts[1]) >= num_stages):
+            skipped.append(k)
+            continue
+        load[k] = v
+    unexpected = sorted(set(load) - set(own))
+    missing = sorted(k for k in set(own) - set(load) if not k.startswith('out_norms.'))
+    wrong_shape = sorted(k for k in set(load) & set(own) if load[k].shape != own[k].shape)
+    if unexpected or missing or wrong_shape:
+        lines = ['checkpoint does not fit the ScalableViT backbone:']
+        if missing:
+            lines.append(f'  missing keys ({len(missing)}): {", ".join(missing[:20])}{" ..." * (len(missing) > 20)}')
+        if unexpected:
+            lines.append(f'  unexpected keys ({len(unexpected)}): {", ".join(unexpected[:20])}'
+                         f'{" ..." * (len(unexpected) > 20)}')
+        for k in wrong_shape[:20]:
+            lines.append(f'  {k}: checkpoint {tuple(load[k].shape)} vs backbone {tuple(own[k].shape)}')
+        lines.append('  (is this a ScalableViT checkpoint of the same size as `arch`?)')
+        raise CheckpointMismatchError('\n'.join(lines))
+    result = model.load_state_dict(load, strict=False)
+    return dict(dropped=dropped, skipped=skipped, missing=sorted(result.missing_keys))
+
+
+@MODELS.register_module()
+class ScalableViTBackbone(ScalableViT):
+    """ScalableViT as a dense-prediction backbone: a pyramid of NCHW maps at strides 4, 8, 16, 32.
+
+    Args:
+        arch: ``'s'``, ``'b'``, ``'l'``, a timm name (``'scalable_vit_small'``) or a dict of
+            :class:`scalablevit.ScalableViT` size arguments (``embed_dims``, ``depths``, ...).
+        out_indices: stages whose outputs are returned.
+        out_norm: a LayerNorm on each returned map (``out_norms.{i}``).
+        drop_rate: dropout after patch embeddings and in MLPs.
+        attn_drop_rate: dropout on attention weights.
+        drop_path_rate: stochastic depth, linear over all blocks.
+        frozen_stages: stages ``0..frozen_stages`` are frozen (no grad, eval mode); -1 freezes nothing.
+        with_cp: gradient checkpointing per block.
+        pretrained: path of an ImageNet checkpoint; same as ``init_cfg=dict(type='Pretrained', checkpoint=...)``.
+        init_cfg: ``dict(type='Pretrained', checkpoint=PATH, prefix=...)`` or ``None`` (ScalableViT's own init).
+        **kwargs: other :class:`scalablevit.ScalableViT` arguments (they override ``arch``).
+    """
+
+    def __init__(
+            self,
+            arch: Union[str, Dict] = 's',
+            out_indices: Sequence[int] = (0, 1, 2, 3),
+            out_norm: bool = True,
+            drop_rate: float = 0.,
+            attn_drop_rate: float = 0.,
+            drop_path_rate: float = 0.1,
+            frozen_stages: int = -1,
+            with_cp: bool = False,
+            pretrained: Optional[str] = None,
+            init_cfg: Optional[Dict] = None,
+            **kwargs,
+    ):
+        model_args = _arch_args(arch)
+        model_args.update(kwargs)
+        model_args.pop('num_classes', None)
+        super().__init__(num_classes=0, drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
+                         drop_path_rate=drop_path_rate, **model_args)
+        num_stages = len(self.stages)
+        out_indices = tuple(out_indices)
+        if not out_indices or any(not isinstance(i, int) or not 0 <= i < num_stages for i in out_indices):
+            raise ValueError(f'out_indices must be stage indices in [0, {num_stages - 1}], got {out_indices}')
+        if list(out_indices) != sorted(set(out_indices)):
+            raise ValueError(f'out_indices must be increasing and unique, got {out_indices}')
+        if not -1 <= frozen_stages < num_stages:
+            raise ValueError(f'frozen_stages must be in [-1, {num_stages - 1}], got {frozen_stages}')
+        if pretrained is not None and init_cfg is not None:
+            raise ValueError('give either pretrained or init_cfg, not both')
+        if pretrained is not None:
+            init_cfg = dict(type='Pretrained', checkpoint=pretrained)
+        if init_cfg is not None and init_cfg.get('type') != 'Pretrained':
+            raise ValueError(f"init_cfg must be dict(type='Pretrained', checkpoint=...) or None, got {init_cfg}")
+        self.init_cfg = init_cfg
+        self.out_indices = out_indices
+        self.frozen_stages = frozen_stages
+
+        # Only what the pyramid uses: no head, no final norm, no stage after the last output (DDP would
+        # otherwise see parameters without gradients).
+        self.prune_intermediate_layers(list(out_indices), prune_norm=True, prune_head=True)
+        self.out_norms = nn.ModuleDict({
+            str(i): nn.LayerNorm(self.embed_dims[i], eps=1e-6) if out_norm else nn.Identity() for i in out_indices})
+        for m in self.out_norms:
+            self._init_weights(m)
+        self.set_grad_checkpointing(with_cp)
+        self._freeze_stages()
+
+    def init_weights(self):
+        """Called by mmengine's runner: load ``init_cfg``'s checkpoint, if any."""
+        if self.init_cfg is None:
+            return
+        ckpt = self.init_cfg['checkpoint']
+        info = load_pretrained(self, ckpt, prefix=self.init_cfg.get('prefix', ''))
+        from mmengine.logging import print_log
+        print_log(f'ScalableViTBackbone: loaded {ckpt}; dropped {len(info["dropped"])} classification keys '
+                  f'({", ".join(sorted({k.split(".")[0] for k in info["dropped"]})) or "none"}), skipped '
+                  f'{len(info["skipped"])} of unused stages, initialised {", ".join(info["missing"]) or "nothing"}',
+                  logger='current')
+
+    def _freeze_stages(self):
+        for i in range(self.frozen_stages + 1):
+            for m in (self.patch_embeds[i], self.pos_drops[i], self.stages[i], self.pos_block[i]):
+                m.eval()
+                for p in m.parameters():
+                    p.requires_grad = False
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._freeze_stages()
+        return self
+
+    def forward(self, x: torch.Tensor) -> tuple:
+        feats = self.forward_intermediates(x, indices=list(self.out_indices), intermediates_only=True)
+        outs = []
+        for i, y in zip(self.out_indices, feats):
+            y = self.out_norms[str(i)](y.permute(0, 2, 3, 1))  # (B, H, W, C)
+            outs.append(y.permute(0, 3, 1, 2).contiguous())  # (B, C, H, W)
+        return tuple(outs)
+
+
+_logger.debug('scalablevit.mm registered ScalableViTBackbone (mmengine %s)', mmengine.__version__)
