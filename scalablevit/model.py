@@ -41,31 +41,6 @@ __all__ = ['ScalableViT', 'ScalableSelfAttention', 'InteractiveWindowAttention',
 _LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
 
-def _attention(
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        scale: float,
-        fused: bool,
-        dropout_p: float,
-        attn_drop: nn.Module,
-        mask: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """softmax(q k^T * scale) v over the last two dims; ``mask`` (bool, True = attend) broadcasts over scores.
-
-    The fused branch is ``F.scaled_dot_product_attention`` with the explicit scale; the plain branch is the
-    reference (the released computation) and the export path.
-    """
-    if fused:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
-    attn = (q * scale) @ k.transpose(-2, -1)  # (..., Nq, Nk)
-    if mask is not None:
-        attn = attn.masked_fill(~mask, float('-inf'))
-    attn = attn.softmax(dim=-1)
-    attn = attn_drop(attn)
-    return attn @ v  # (..., Nq, dv)
-
-
 class PatchEmbed(nn.Module):
     """Strided conv + LayerNorm; returns tokens and the spatial size the conv produced."""
 
@@ -95,14 +70,61 @@ class PosConv(nn.Module):
         return x.flatten(2).transpose(1, 2)  # (B, N, C)
 
 
-class ScalableSelfAttention(nn.Module):
+class _Attention(nn.Module):
+    """What SSA and IWSA share: the attention product, fused or plain."""
+    fused_attn: torch.jit.Final[bool]
+
+    def __init__(self, dim: int, num_heads: int, attn_drop: float, proj_drop: float):
+        super().__init__()
+        assert dim % num_heads == 0, f'dim {dim} should be divided by num_heads {num_heads}.'
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.fused_attn = use_fused_attn()
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def attend(
+            self,
+            q: torch.Tensor,
+            k: torch.Tensor,
+            v: torch.Tensor,
+            mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """softmax(q k^T * scale) v over the last two dims; ``mask`` (bool, True = attend) broadcasts over scores.
+
+        The fused branch is ``F.scaled_dot_product_attention`` with the explicit scale; the plain branch is the
+        reference (the released computation) and the export path.
+        """
+        if self.fused_attn:
+            dq, dv = q.shape[-1], v.shape[-1]
+            # The CPU flash kernel (and CUDA flash) wants one head width for q, k and v; SSA's values are narrower
+            # or wider than its queries. Zero columns keep the fused kernel and the function: padded value columns
+            # give zero output columns (cut off), padded query/key columns add zero to every score.
+            if dv < dq:
+                v = F.pad(v, (0, dq - dv))
+            elif dv > dq:
+                q, k = F.pad(q, (0, dv - dq)), F.pad(k, (0, dv - dq))
+            x = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=self.attn_drop.p if self.training else 0., scale=self.scale)
+            return x[..., :dv] if dv < dq else x
+        attn = (q * self.scale) @ k.transpose(-2, -1)  # (..., Nq, Nk)
+        if mask is not None:
+            attn = attn.masked_fill(~mask, float('-inf'))
+        attn = attn.softmax(dim=-1)
+        attn = self.attn_drop(attn)
+        return attn @ v  # (..., Nq, dv)
+
+
+class ScalableSelfAttention(_Attention):
     """Scalable Self-Attention (SSA).
 
     Spatial scalability: keys and values come from the map reduced ``sr_ratio`` times by a depthwise strided
     conv. Channel scalability: queries and keys have ``int(dim * c_ratio)`` channels while values keep ``dim``.
     The scale is ``(head_dim * c_ratio) ** -0.5`` as released, not the inverse root of the q/k head width.
     """
-    fused_attn: torch.jit.Final[bool]
 
     def __init__(
             self,
@@ -114,16 +136,11 @@ class ScalableSelfAttention(nn.Module):
             sr_ratio: int = 1,
             c_ratio: float = 1.,
     ):
-        super().__init__()
-        assert dim % num_heads == 0, f'dim {dim} should be divided by num_heads {num_heads}.'
-        self.dim = dim
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
+        super().__init__(dim, num_heads, attn_drop, proj_drop)
         self.sr_ratio = sr_ratio
         self.c_dim = int(dim * c_ratio) if sr_ratio > 1 else dim
         assert self.c_dim % num_heads == 0, f'int(dim * c_ratio) = {self.c_dim} should be divided by num_heads.'
         self.scale = (self.head_dim * c_ratio) ** -0.5
-        self.fused_attn = use_fused_attn()
 
         self.q = nn.Linear(dim, self.c_dim, bias=qkv_bias)
         if sr_ratio > 1:
@@ -134,17 +151,16 @@ class ScalableSelfAttention(nn.Module):
             self.norm_act = nn.Sequential(nn.LayerNorm(self.c_dim), nn.GELU())  # eps 1e-5, as released
             self.k = nn.Linear(self.c_dim, self.c_dim, bias=qkv_bias)
             self.v = nn.Linear(self.c_dim, dim, bias=qkv_bias)
+            self.kv = None
         else:
+            self.reduction = self.norm_act = self.k = self.v = None
             self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
         B, N, C = x.shape
         h = self.num_heads
         q = self.q(x).reshape(B, N, h, -1).transpose(1, 2)  # (B, h, N, c_dim / h)
-        if self.sr_ratio > 1:
+        if self.kv is None:  # sr_ratio > 1
             H, W = size
             x_ = x.transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
             r = self.sr_ratio
@@ -158,14 +174,13 @@ class ScalableSelfAttention(nn.Module):
         else:
             kv = self.kv(x).reshape(B, N, 2, h, self.head_dim).permute(2, 0, 3, 1, 4)  # (2, B, h, N, d)
             k, v = kv.unbind(0)
-        x = _attention(
-            q, k, v, self.scale, self.fused_attn, self.attn_drop.p if self.training else 0., self.attn_drop)
+        x = self.attend(q, k, v)
         x = x.transpose(1, 2).reshape(B, N, C)  # (B, N, C)
         x = self.proj(x)
         return self.proj_drop(x)
 
 
-class InteractiveWindowAttention(nn.Module):
+class InteractiveWindowAttention(_Attention):
     """Interactive Window Self-Attention (IWSA).
 
     Self-attention inside non-overlapping ``ws x ws`` windows, plus the local interactive module (LIM): the
@@ -173,7 +188,6 @@ class InteractiveWindowAttention(nn.Module):
     exchange information. Maps that are not whole windows are padded at right/bottom; padded keys are masked
     out, so every real token sees exactly the real tokens of its window.
     """
-    fused_attn: torch.jit.Final[bool]
 
     def __init__(
             self,
@@ -184,19 +198,10 @@ class InteractiveWindowAttention(nn.Module):
             proj_drop: float = 0.,
             ws: int = 7,
     ):
-        super().__init__()
-        assert dim % num_heads == 0, f'dim {dim} should be divided by num_heads {num_heads}.'
-        self.dim = dim
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
+        super().__init__(dim, num_heads, attn_drop, proj_drop)
         self.ws = ws
-        self.scale = self.head_dim ** -0.5
-        self.fused_attn = use_fused_attn()
 
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
         self.lim_func = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
 
     def _pad_mask(self, H: int, W: int, Hp: int, Wp: int, device: torch.device) -> torch.Tensor:
@@ -211,31 +216,34 @@ class InteractiveWindowAttention(nn.Module):
         B, N, C = x.shape
         H, W = size
         ws, h, d = self.ws, self.num_heads, self.head_dim
-        qkv = self.qkv(x)  # (B, N, 3C)
-        # LIM on the value map at its real size
-        v_map = qkv[..., 2 * C:].transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
-        lim = self.lim_func(v_map).flatten(2).transpose(1, 2)  # (B, N, C)
-
-        qkv = qkv.reshape(B, H, W, 3 * C)  # (B, H, W, 3C)
+        x = x.reshape(B, H, W, C)  # (B, H, W, C)
         pad_b, pad_r = (ws - H % ws) % ws, (ws - W % ws) % ws
-        mask = None
-        if pad_b or pad_r:
-            qkv = F.pad(qkv, (0, 0, 0, pad_r, 0, pad_b))
+        padded = bool(pad_b or pad_r)
+        mask: Optional[torch.Tensor] = None
+        if padded:
+            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
         Hp, Wp = H + pad_b, W + pad_r
         hg, wg = Hp // ws, Wp // ws
-        if pad_b or pad_r:
+        if padded:
             mask = self._pad_mask(H, W, Hp, Wp, x.device).repeat(B, 1, 1, 1)  # (B * nW, 1, 1, L)
-        # one partition for q, k and v together
-        qkv = qkv.reshape(B, hg, ws, wg, ws, 3, h, d).permute(5, 0, 1, 3, 6, 2, 4, 7)  # (3, B, hg, wg, h, ws, ws, d)
-        q, k, v = qkv.reshape(3, B * hg * wg, h, ws * ws, d).unbind(0)  # (B * nW, h, L, d)
+        # one window partition, of x (C wide) before qkv (3C wide): q, k and v come out grouped by window, and the
+        # fused kernel takes them as strided views
+        x = x.reshape(B, hg, ws, wg, ws, C).transpose(2, 3).reshape(B * hg * wg, ws * ws, C)  # (B * nW, L, C)
+        qkv = self.qkv(x).reshape(B * hg * wg, ws * ws, 3, h, d)  # (B * nW, L, 3, h, d)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B * nW, h, L, d)
 
-        x = _attention(
-            q, k, v, self.scale, self.fused_attn, self.attn_drop.p if self.training else 0., self.attn_drop, mask)
-        x = x.reshape(B, hg, wg, h, ws, ws, d).permute(0, 1, 4, 2, 5, 3, 6)  # (B, hg, ws, wg, ws, h, d)
-        x = x.reshape(B, Hp, Wp, C)  # (B, Hp, Wp, C)
-        if pad_b or pad_r:
-            x = x[:, :H, :W]
-        x = x.reshape(B, N, C) + lim  # (B, N, C)
+        x = self.attend(q, k, v, mask)  # (B * nW, h, L, d)
+        x = x.transpose(1, 2).reshape(B, hg, wg, ws, ws, C).transpose(2, 3)  # (B, hg, ws, wg, ws, C)
+        # LIM on the value map at its real size, channels-last so that the conv reads and writes it without copies
+        v = qkv[:, :, 2].reshape(B, hg, wg, ws, ws, C).transpose(2, 3).reshape(B, Hp, Wp, C)  # (B, Hp, Wp, C)
+        if padded:
+            v = v[:, :H, :W]
+            x = x.reshape(B, Hp, Wp, C)[:, :H, :W]  # (B, H, W, C)
+        lim = self.lim_func(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # (B, H, W, C)
+        if not padded:
+            lim = lim.reshape(B, hg, ws, wg, ws, C)  # (B, hg, ws, wg, ws, C)
+        # the window reverse happens in this add
+        x = (lim + x).reshape(B, N, C)  # (B, N, C)
         x = self.proj(x)
         return self.proj_drop(x)
 

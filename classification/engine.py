@@ -1,0 +1,146 @@
+"""One training epoch, evaluation and throughput (DeiT's ``engine.py``)."""
+import logging
+import math
+import statistics
+import time
+from contextlib import nullcontext
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+from timm.data import Mixup
+from timm.utils import ModelEmaV3, accuracy
+from torch.utils.data import DataLoader
+
+# isort: split
+import utils
+
+_logger = logging.getLogger(__name__)
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    """``torch.autocast`` on ``device`` in ``dtype``; a no-op context when ``dtype`` is None (full precision)."""
+    return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def train_one_epoch(
+        model: nn.Module,
+        criterion: nn.Module,
+        data_loader: DataLoader,
+        optimizer: torch.optim.Optimizer,
+        device: torch.device,
+        epoch: int,
+        scaler: torch.amp.GradScaler,
+        amp_dtype: Optional[torch.dtype] = None,
+        clip_grad: Optional[float] = None,
+        model_ema: Optional[ModelEmaV3] = None,
+        mixup_fn: Optional[Mixup] = None,
+        print_freq: int = 10,
+) -> Dict[str, float]:
+    model.train()
+    metric_logger = utils.MetricLogger()
+    metric_logger.add_meter('lr', utils.SmoothedValue(window_size=1, fmt='{value:.6f}'))
+    metric_logger.add_meter('img/s', utils.SmoothedValue(window_size=10, fmt='{avg:.1f}'))
+    world_size = utils.get_world_size()
+    header = f'Epoch: [{epoch}]'
+    tic = time.time()
+    for step, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
+        samples = samples.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if mixup_fn is not None:
+            samples, targets = mixup_fn(samples, targets)
+
+        with autocast(device, amp_dtype):
+            outputs = model(samples)
+            loss = criterion(outputs, targets)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f'loss is {loss_value} at epoch {epoch}, step {step}: stopping training '
+                                     f'(try a lower --lr, --clip-grad, or --no-amp)')
+
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if clip_grad is not None and clip_grad > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        if model_ema is not None:
+            model_ema.update(model)
+
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
+        toc = time.time()
+        metric_logger.update(loss=loss_value, lr=optimizer.param_groups[0]['lr'])
+        metric_logger.update(**{'img/s': samples.shape[0] * world_size / max(toc - tic, 1e-9)})
+        tic = toc
+    metric_logger.synchronize_between_processes(device)
+    _logger.info(f'Averaged stats: {metric_logger}')
+    return {k: meter.global_avg for k, meter in metric_logger.meters.items() if k != 'img/s'}
+
+
+@torch.no_grad()
+def evaluate(
+        data_loader: DataLoader,
+        model: nn.Module,
+        device: torch.device,
+        amp_dtype: Optional[torch.dtype] = None,
+        distributed: bool = False,
+        print_freq: int = 10,
+) -> Dict[str, float]:
+    """Top-1 / top-5 accuracy (%) and mean loss; with ``distributed`` the per-process shards are summed."""
+    criterion = nn.CrossEntropyLoss(reduction='sum')
+    model.eval()
+    metric_logger = utils.MetricLogger()
+    loss_sum, correct1, correct5, count = 0.0, 0.0, 0.0, 0
+    for images, target in metric_logger.log_every(data_loader, print_freq, 'Test:'):
+        images = images.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True)
+        with autocast(device, amp_dtype):
+            output = model(images)
+        output = output.float()
+        acc1, acc5 = accuracy(output, target, topk=(1, min(5, output.shape[1])))
+        n = images.shape[0]
+        loss_sum += criterion(output, target).item()
+        correct1 += acc1.item() * n / 100
+        correct5 += acc5.item() * n / 100
+        count += n
+        metric_logger.update(acc1=acc1.item(), acc5=acc5.item(), n=n)
+    if distributed:
+        loss_sum, correct1, correct5, count = utils.all_reduce_sum([loss_sum, correct1, correct5, count], device)
+    count = int(round(count))
+    stats = dict(acc1=100 * correct1 / max(count, 1), acc5=100 * correct5 / max(count, 1),
+                 loss=loss_sum / max(count, 1), count=count)
+    _logger.info('* Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} loss {loss:.3f} on {count} images'.format(**stats))
+    return stats
+
+
+@torch.no_grad()
+def throughput(
+        model: nn.Module,
+        device: torch.device,
+        batch_size: int,
+        input_size: int,
+        amp_dtype: Optional[torch.dtype] = None,
+        warmup: int = 10,
+        repeats: int = 30,
+) -> Dict[str, float]:
+    """Inference images/s: ``warmup`` untimed batches, then the median of ``repeats`` timed (synchronised) ones."""
+    model.eval()
+    images = torch.randn(batch_size, 3, input_size, input_size, device=device)
+
+    def sync():
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
+
+    times = []
+    with autocast(device, amp_dtype):
+        for i in range(warmup + repeats):
+            sync()
+            tic = time.perf_counter()
+            model(images)
+            sync()
+            if i >= warmup:
+                times.append(time.perf_counter() - tic)
+    median = statistics.median(times)
+    return dict(images_per_s=batch_size / median, median_s=median, batch_size=batch_size, repeats=repeats)

@@ -1,0 +1,381 @@
+"""Train, evaluate and time ScalableViT on ImageNet (or the built-in DIGITS set); DeiT's ``main.py`` layout.
+
+    python main.py --data-set DIGITS ...                                     # one device (CPU or GPU)
+    torchrun --nproc_per_node=8 main.py --model scalable_vit_small ...      # or: python -m torch.distributed.launch
+    python main.py --eval --resume ./scalable_vit_small/checkpoint_best.pth --model scalable_vit_small ...
+    python main.py --throughput --model scalable_vit_small --batch-size 64
+
+See README.md for the full commands and the flags that differ from DeiT.
+"""
+import argparse
+import datetime
+import json
+import logging
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+import torch.backends.cudnn as cudnn
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+from torch.utils.data.distributed import DistributedSampler
+
+import scalablevit  # registers scalable_vit_small/base/large with timm
+from scalablevit.info import describe
+
+# isort: split
+import utils
+from datasets import DATA_SETS, build_dataset
+from engine import evaluate, throughput, train_one_epoch
+from samplers import RASampler, ShardedEvalSampler
+
+_logger = logging.getLogger('main')
+
+AMP_DTYPES = {'float16': torch.float16, 'bfloat16': torch.bfloat16}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser('ScalableViT training and evaluation', add_help=False)
+    parser.add_argument('--batch-size', default=128, type=int, help='images per process per step')
+    parser.add_argument('--epochs', default=300, type=int)
+
+    group = parser.add_argument_group('Model')
+    group.add_argument('--model', default='scalable_vit_small', type=str, metavar='MODEL',
+                       help='timm model name (scalable_vit_small/base/large or any timm model)')
+    group.add_argument('--model-kwargs', nargs='*', default={}, action=utils.ParseKwargs, metavar='KEY=VALUE',
+                       help='extra model arguments as Python literals, e.g. depths=1,1,1,1 mlp_head=False')
+    group.add_argument('--input-size', default=None, type=int,
+                       help='image size (default: 224; 32 for DIGITS)')
+    group.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='dropout rate')
+    group.add_argument('--drop-path', type=float, default=0.1, metavar='PCT',
+                       help='stochastic depth rate (released: 0.2 for S, 0.5 for B and L)')
+    group.add_argument('--model-ema', action='store_true', default=False,
+                       help='keep an exponential moving average of the weights and evaluate it too')
+    group.add_argument('--no-model-ema', action='store_false', dest='model_ema')
+    group.add_argument('--model-ema-decay', type=float, default=0.99996)
+    group.add_argument('--model-ema-force-cpu', action='store_true', default=False)
+    group.add_argument('--grad-checkpointing', action='store_true', default=False,
+                       help='recompute activations in the backward pass to save memory')
+
+    group = parser.add_argument_group('Optimizer')
+    group.add_argument('--opt', default='adamw', type=str, metavar='OPTIMIZER')
+    group.add_argument('--opt-eps', default=1e-8, type=float, metavar='EPSILON')
+    group.add_argument('--opt-betas', default=None, type=float, nargs='+', metavar='BETA')
+    group.add_argument('--clip-grad', type=float, default=5.0, metavar='NORM',
+                       help='clip the gradient norm (released: 5.0; 0 turns it off)')
+    group.add_argument('--momentum', type=float, default=0.9, metavar='M', help='SGD momentum')
+    group.add_argument('--weight-decay', type=float, default=0.05)
+
+    group = parser.add_argument_group('Learning rate schedule')
+    group.add_argument('--sched', default='cosine', type=str, metavar='SCHEDULER')
+    group.add_argument('--lr', type=float, default=5e-4, metavar='LR',
+                       help='learning rate for a total batch of 512; scaled linearly to the actual total batch')
+    group.add_argument('--unscale-lr', action='store_true', help='use --lr as given, without batch scaling')
+    group.add_argument('--warmup-lr', type=float, default=1e-6, metavar='LR')
+    group.add_argument('--min-lr', type=float, default=1e-5, metavar='LR')
+    group.add_argument('--decay-epochs', type=float, default=30, metavar='N', help='for step schedules')
+    group.add_argument('--warmup-epochs', type=int, default=5, metavar='N')
+    group.add_argument('--decay-rate', '--dr', type=float, default=0.1, metavar='RATE')
+
+    group = parser.add_argument_group('Augmentation (ImageFolder data)')
+    group.add_argument('--color-jitter', type=float, default=0.4, metavar='PCT')
+    group.add_argument('--aa', type=str, default='rand-m9-mstd0.5-inc1', metavar='NAME',
+                       help='timm AutoAugment policy; "none" turns it off')
+    group.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
+    group.add_argument('--train-interpolation', type=str, default='bicubic')
+    group.add_argument('--repeated-aug', action='store_true', default=True,
+                       help='repeated augmentation sampler when distributed (default on, as released)')
+    group.add_argument('--no-repeated-aug', action='store_false', dest='repeated_aug')
+    group.add_argument('--reprob', type=float, default=0.25, metavar='PCT', help='random erasing probability')
+    group.add_argument('--remode', type=str, default='pixel')
+    group.add_argument('--recount', type=int, default=1)
+    group.add_argument('--eval-crop-ratio', type=float, default=0.875, help='eval resize = input_size / ratio')
+
+    group = parser.add_argument_group('Mixup / CutMix')
+    group.add_argument('--mixup', type=float, default=0.8, help='mixup alpha; on when > 0')
+    group.add_argument('--cutmix', type=float, default=1.0, help='cutmix alpha; on when > 0')
+    group.add_argument('--cutmix-minmax', type=float, nargs='+', default=None)
+    group.add_argument('--mixup-prob', type=float, default=1.0)
+    group.add_argument('--mixup-switch-prob', type=float, default=0.5)
+    group.add_argument('--mixup-mode', type=str, default='batch', choices=('batch', 'pair', 'elem'))
+
+    group = parser.add_argument_group('Data, output, precision, launch')
+    group.add_argument('--data-path', default=None, type=str, help='folder holding train/ and val/ (ImageFolder)')
+    group.add_argument('--data-set', default='IMNET', choices=DATA_SETS, type=str)
+    group.add_argument('--output_dir', default=None,
+                       help='where checkpoints and log.txt go (default: ./<model>; "" writes nothing)')
+    group.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    group.add_argument('--seed', default=0, type=int)
+    group.add_argument('--resume', default='', help='checkpoint (file or URL) to resume from or to --eval')
+    group.add_argument('--finetune', default='', help='checkpoint to start from; a head of another size is dropped')
+    group.add_argument('--start_epoch', default=0, type=int, metavar='N')
+    group.add_argument('--eval', action='store_true', help='only evaluate (--resume gives the weights)')
+    group.add_argument('--throughput', action='store_true', help='only measure inference images/s')
+    group.add_argument('--dist-eval', action='store_true', default=False,
+                       help='shard evaluation over the processes (default: every process evaluates all)')
+    group.add_argument('--num_workers', default=10, type=int)
+    group.add_argument('--pin-mem', action='store_true', default=True, help='pin host memory (CUDA only)')
+    group.add_argument('--no-pin-mem', action='store_false', dest='pin_mem')
+    group.add_argument('--amp', action='store_true', default=None,
+                       help='mixed precision (default: on for CUDA, off on CPU)')
+    group.add_argument('--no-amp', action='store_false', dest='amp')
+    group.add_argument('--amp-dtype', default=None, choices=tuple(AMP_DTYPES),
+                       help='autocast dtype (default: float16 with loss scaling on CUDA, bfloat16 on CPU)')
+    group.add_argument('--print-freq', default=10, type=int, help='progress line every N steps')
+    group.add_argument('--world_size', default=1, type=int, help='set by the launcher')
+    group.add_argument('--dist_url', default='env://', help='process group rendezvous')
+    group.add_argument('--local-rank', '--local_rank', default=None, type=int,
+                       help='set by torch.distributed.launch without --use_env')
+    return parser
+
+
+def seed_all(seed: int):
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    random.seed(seed)
+
+
+def resolve_amp(args: argparse.Namespace, device: torch.device):
+    """The autocast dtype, or None for full precision."""
+    use_amp = args.amp if args.amp is not None else device.type == 'cuda'
+    if not use_amp:
+        return None
+    return AMP_DTYPES[args.amp_dtype or ('float16' if device.type == 'cuda' else 'bfloat16')]
+
+
+def build_loaders(args: argparse.Namespace):
+    dataset_train, args.nb_classes = build_dataset(is_train=True, args=args)
+    dataset_val, nb_val = build_dataset(is_train=False, args=args)
+    world, rank = utils.get_world_size(), utils.get_rank()
+    if args.distributed:
+        if args.repeated_aug:
+            sampler_train = RASampler(dataset_train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
+        else:
+            sampler_train = DistributedSampler(dataset_train, num_replicas=world, rank=rank, shuffle=True,
+                                               seed=args.seed)
+    else:
+        sampler_train = RandomSampler(dataset_train)
+    if args.distributed and args.dist_eval:
+        sampler_val = ShardedEvalSampler(dataset_val, num_replicas=world, rank=rank)
+    else:
+        sampler_val = SequentialSampler(dataset_val)
+    pin = args.pin_mem and args.device.startswith('cuda')
+    loader_train = DataLoader(dataset_train, sampler=sampler_train, batch_size=args.batch_size,
+                              num_workers=args.num_workers, pin_memory=pin, drop_last=True)
+    if len(loader_train) == 0 and not (args.eval or args.throughput):
+        raise utils.UsageError(f'{len(sampler_train)} training images per process is less than one batch of '
+                               f'{args.batch_size}; lower --batch-size')
+    loader_val = DataLoader(dataset_val, sampler=sampler_val, batch_size=int(1.5 * args.batch_size),
+                            num_workers=args.num_workers, pin_memory=pin, drop_last=False)
+    _logger.info(f'data: {args.data_set}, {len(dataset_train)} train / {len(dataset_val)} val images, '
+                 f'{args.nb_classes} classes')
+    return loader_train, loader_val
+
+
+def load_finetune(model: torch.nn.Module, path: str):
+    """Weights from ``path`` into ``model``; head tensors that do not fit (another class count or head type) are
+    dropped with a message and train from scratch. Any other mismatch is an error naming the keys."""
+    checkpoint = utils.load_checkpoint(path)
+    if isinstance(model, scalablevit.ScalableViT):
+        state_dict = scalablevit.checkpoint_filter_fn(checkpoint, model)
+    else:
+        state_dict = scalablevit.unwrap_state_dict(checkpoint)
+    own = model.state_dict()
+    state_dict = {k: v for k, v in state_dict.items()
+                  if not (k.startswith('head.') and (k not in own or v.shape != own[k].shape))}
+    new_head = sorted(k for k in own if k.startswith('head.') and k not in state_dict)
+    if new_head:
+        _logger.info(f'finetune: the head of {path} does not fit the model ({getattr(model, "num_classes", "?")} '
+                     f'classes); {", ".join(new_head)} start from scratch')
+    utils.load_model_weights(model, state_dict, path, allow_missing=new_head)
+    _logger.info(f'finetune: loaded {len(state_dict)} tensors from {path}')
+
+
+def main(args: argparse.Namespace):
+    utils.init_distributed_mode(args)
+    if not utils.is_main_process():
+        logging.getLogger().setLevel(logging.WARNING)
+    _logger.info(' '.join(sys.argv))
+    if args.input_size is None:
+        args.input_size = 32 if args.data_set == 'DIGITS' else 224
+    if args.output_dir is None:
+        args.output_dir = f'./{args.model}'
+    device = torch.device(args.device)
+    amp_dtype = resolve_amp(args, device)
+    seed_all(args.seed + utils.get_rank())
+    cudnn.benchmark = True
+
+    if args.throughput:
+        args.nb_classes = 1000
+        loader_train = loader_val = None
+    else:
+        loader_train, loader_val = build_loaders(args)
+
+    mixup_fn = None
+    mixup_active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
+    if mixup_active and not (args.eval or args.throughput):
+        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                         label_smoothing=args.smoothing, num_classes=args.nb_classes)
+
+    _logger.info(f'creating model {args.model}')
+    model = timm.create_model(args.model, pretrained=False, num_classes=args.nb_classes, drop_rate=args.drop,
+                              drop_path_rate=args.drop_path, **args.model_kwargs)
+    if args.finetune:
+        load_finetune(model, args.finetune)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    if utils.is_main_process():
+        _logger.info(f'{args.model}: {describe(model, args.input_size)}')
+    model.to(device)
+
+    if args.throughput:
+        stats = throughput(model, device, args.batch_size, args.input_size, amp_dtype)
+        dtype = str(amp_dtype or torch.float32).replace('torch.', '')
+        _logger.info(f'throughput: {stats["images_per_s"]:.1f} images/s ({args.model}, batch {args.batch_size} at '
+                     f'{args.input_size}x{args.input_size}, device {device} '
+                     f'[{torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}], dtype {dtype}, '
+                     f'median of {stats["repeats"]} batches)')
+        return stats
+
+    model_ema = None
+    if args.model_ema:
+        model_ema = ModelEmaV3(model, decay=args.model_ema_decay,
+                               device=torch.device('cpu') if args.model_ema_force_cpu else None)
+
+    model_without_ddp = model
+    if args.distributed:
+        model = DistributedDataParallel(model, device_ids=[args.gpu] if device.type == 'cuda' else None)
+        model_without_ddp = model.module
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    if not args.unscale_lr:
+        args.lr = args.lr * args.batch_size * utils.get_world_size() / 512.0
+    _logger.info(f'lr {args.lr:.3g} for a total batch of {args.batch_size * utils.get_world_size()}')
+    opt_kwargs = dict(eps=args.opt_eps) if args.opt_eps is not None else {}
+    if args.opt_betas is not None:
+        opt_kwargs['betas'] = tuple(args.opt_betas)
+    optimizer = create_optimizer_v2(model_without_ddp, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
+                                    momentum=args.momentum, **opt_kwargs)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    lr_scheduler, _ = create_scheduler_v2(optimizer, sched=args.sched, num_epochs=args.epochs,
+                                          decay_epochs=args.decay_epochs, decay_rate=args.decay_rate,
+                                          min_lr=args.min_lr, warmup_lr=args.warmup_lr,
+                                          warmup_epochs=args.warmup_epochs)
+
+    if mixup_fn is not None:
+        criterion = SoftTargetCrossEntropy()  # smoothing is inside the mixed targets
+    elif args.smoothing > 0.:
+        criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    else:
+        criterion = torch.nn.CrossEntropyLoss()
+
+    max_accuracy = -1.0  # the first evaluation is always a new best
+    if args.resume:
+        checkpoint = utils.load_checkpoint(args.resume)
+        utils.load_model_weights(model_without_ddp, scalablevit.unwrap_state_dict(checkpoint), args.resume)
+        if not args.eval and all(k in checkpoint for k in ('optimizer', 'lr_scheduler', 'epoch')):
+            optimizer.load_state_dict(checkpoint['optimizer'])
+            lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
+            args.start_epoch = checkpoint['epoch'] + 1
+            if 'scaler' in checkpoint:
+                scaler.load_state_dict(checkpoint['scaler'])
+            max_accuracy = checkpoint.get('max_accuracy', -1.0)
+            _logger.info(f'resumed {args.resume} at epoch {args.start_epoch}')
+        if model_ema is not None:
+            if 'model_ema' in checkpoint:
+                utils.load_model_weights(model_ema.module, scalablevit.unwrap_state_dict(checkpoint['model_ema']),
+                                         f'{args.resume} (model_ema)')
+            else:
+                _logger.warning(f'{args.resume} has no model_ema; the EMA starts from the loaded weights')
+                model_ema.module.load_state_dict(model_without_ddp.state_dict())
+
+    dist_eval = args.distributed and args.dist_eval
+    if args.eval:
+        test_stats = evaluate(loader_val, model, device, amp_dtype, dist_eval, args.print_freq)
+        _logger.info(f'Accuracy of the network on the {test_stats["count"]} test images: {test_stats["acc1"]:.2f}%')
+        if model_ema is not None:
+            ema_stats = evaluate(loader_val, model_ema.module, device, amp_dtype, dist_eval, args.print_freq)
+            _logger.info(f'Accuracy of the EMA on the {ema_stats["count"]} test images: {ema_stats["acc1"]:.2f}%')
+        return test_stats
+
+    output_dir = Path(args.output_dir) if args.output_dir else None
+    if output_dir is not None and utils.is_main_process():
+        output_dir.mkdir(parents=True, exist_ok=True)
+    lr_scheduler.step(args.start_epoch)
+    _logger.info(f'training for {args.epochs - args.start_epoch} epochs')
+    start_time = time.time()
+    for epoch in range(args.start_epoch, args.epochs):
+        # Seed per epoch, so that a resumed run draws the same augmentations and dropout as an uninterrupted one.
+        seed_all(args.seed + utils.get_rank() + 10007 * (epoch + 1))
+        if args.distributed:
+            loader_train.sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, scaler, amp_dtype,
+                                      args.clip_grad, model_ema, mixup_fn, args.print_freq)
+        lr_scheduler.step(epoch + 1)
+        test_stats = evaluate(loader_val, model, device, amp_dtype, dist_eval, args.print_freq)
+        _logger.info(f'Accuracy of the network on the {test_stats["count"]} test images: {test_stats["acc1"]:.2f}%')
+        is_best = test_stats['acc1'] > max_accuracy
+        max_accuracy = max(max_accuracy, test_stats['acc1'])
+        _logger.info(f'Max accuracy: {max_accuracy:.2f}%')
+        log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
+                     **{f'test_{k}': v for k, v in test_stats.items()},
+                     'epoch': epoch, 'n_parameters': n_parameters}
+        if model_ema is not None:
+            ema_stats = evaluate(loader_val, model_ema.module, device, amp_dtype, dist_eval, args.print_freq)
+            _logger.info(f'Accuracy of the EMA on the {ema_stats["count"]} test images: {ema_stats["acc1"]:.2f}%')
+            log_stats.update({f'test_ema_{k}': v for k, v in ema_stats.items()})
+
+        if output_dir is not None:
+            checkpoint = {
+                'model': model_without_ddp.state_dict(),
+                'optimizer': optimizer.state_dict(),
+                'lr_scheduler': utils.plain(lr_scheduler.state_dict()),
+                'scaler': scaler.state_dict(),
+                'epoch': epoch,
+                'max_accuracy': max_accuracy,
+                'args': utils.plain(vars(args)),
+            }
+            if model_ema is not None:
+                checkpoint['model_ema'] = model_ema.module.state_dict()
+            utils.save_checkpoint(checkpoint, str(output_dir / 'checkpoint.pth'))
+            if is_best:
+                utils.save_checkpoint(checkpoint, str(output_dir / 'checkpoint_best.pth'))
+            if utils.is_main_process():
+                with (output_dir / 'log.txt').open('a') as f:
+                    f.write(json.dumps(log_stats) + '\n')
+
+    total_time = datetime.timedelta(seconds=int(time.time() - start_time))
+    _logger.info(f'training time {total_time}; max accuracy {max_accuracy:.2f}%')
+    return dict(max_accuracy=max_accuracy, last=test_stats if args.start_epoch < args.epochs else None)
+
+
+def cli(argv=None) -> int:
+    parser = argparse.ArgumentParser('ScalableViT training and evaluation', parents=[get_args_parser()])
+    args = parser.parse_args(argv)
+    rank = int(os.environ.get('RANK', os.environ.get('SLURM_PROCID', '0')))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout,
+                        format='%(asctime)s %(message)s', datefmt='%H:%M:%S')
+    try:
+        main(args)
+    except (utils.UsageError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if utils.is_dist_avail_and_initialized():
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(cli())
