@@ -1,0 +1,26 @@
+# mmdet's runtime with a few epochs on the tiny dataset: short warm-up, AdamW at 1e-3 (training from scratch),
+# a checkpoint each epoch, a log line every 4 iterations.
+_base_ = 'mmdet::_base_/default_runtime.py'
+
+custom_imports = dict(imports=['scalablevit.mm'], allow_failed_imports=False)
+
+max_epochs = 4
+train_cfg = dict(type='EpochBasedTrainLoop', max_epochs=max_epochs, val_interval=max_epochs)
+val_cfg = dict(type='ValLoop')
+test_cfg = dict(type='TestLoop')
+param_scheduler = [dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=10)]
+optim_wrapper = dict(
+    type='OptimWrapper',
+    optimizer=dict(type='AdamW', lr=1e-3, betas=(0.9, 0.999), weight_decay=0.05),
+    paramwise_cfg=dict(custom_keys={'norm': dict(decay_mult=0.), 'pos_block': dict(decay_mult=0.)}),
+    clip_grad=dict(max_norm=10.))
+auto_scale_lr = dict(enable=False, base_batch_size=16)
+
+default_hooks = dict(logger=dict(interval=4), checkpoint=dict(interval=1, max_keep_ckpts=2))
+log_processor = dict(window_size=4)
+
+# A small ScalableViT (every block type and all four stages, a fraction of S's width and depth).
+tiny_arch = dict(embed_dims=(32, 64, 96, 128), num_heads=(1, 2, 3, 4), depths=(2, 2, 2, 2),
+                 sr_ratios=(8, 4, 2, 1), c_ratios=(1.25, 1.25, 1.25, 1))
+
+randomness = dict(seed=0)

@@ -1,0 +1,90 @@
+"""Parameters and FLOPs of a detector: ``python get_flops.py configs/X.py [--shape 1280 800]``.
+
+FLOPs are multiply-adds (the papers' convention, as mmcv's and fvcore's counters count them) of one forward pass
+on one image of the given size (W H; the seed's table uses 1280x800), measured with ``torch.utils.flop_counter``
+on the plain attention path: backbone, neck and heads; for two-stage detectors the RPN, the box head on the RPN's
+proposals and the mask head on the first 100 boxes (as mmdet's ``forward_dummy`` did). Two numbers are printed:
+all matrix products, and without the attention products (``q @ k^T``, ``attn @ v``), which mmcv's counter (used
+for the published tables of PVT, Twins and Swin-era detectors) does not see.
+"""
+import argparse
+import logging
+import os.path as osp
+import sys
+from typing import Optional, Sequence
+
+import torch
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # the repository root, for `scalablevit`
+
+_logger = logging.getLogger('get_flops')
+
+# Operators through which the attention products run (batched matmuls and fused attention); convolutions and
+# linear layers go through convolution / mm / addmm.
+ATTENTION_OPS = ('bmm', 'baddbmm', '_scaled_dot_product', 'scaled_dot_product')
+
+
+def build_detector(config: str, cfg_options: Optional[dict] = None):
+    from mmdet.registry import MODELS
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+
+    cfg = Config.fromfile(config)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    if cfg.get('custom_imports'):
+        from mmengine.utils import import_modules_from_strings
+        import_modules_from_strings(**cfg.custom_imports)
+    init_default_scope(cfg.get('default_scope', 'mmdet'))
+    cfg.model.backbone.init_cfg = None  # no pretrained file needed to count
+    return MODELS.build(cfg.model)
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def count_flops(model: torch.nn.Module, width: int = 1280, height: int = 800):
+    """(all multiply-adds, multiply-adds without the attention products) of one forward pass."""
+    from mmdet.structures import DetDataSample
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.eval()
+    for m in model.modules():  # every product visible: no fused attention kernel
+        if hasattr(m, 'fused_attn'):
+            m.fused_attn = False
+    x = torch.zeros(1, 3, height, width)
+    sample = DetDataSample(metainfo=dict(img_shape=(height, width), ori_shape=(height, width),
+                                         pad_shape=(height, width), batch_input_shape=(height, width),
+                                         scale_factor=(1., 1.)))
+    with FlopCounterMode(display=False) as counter:
+        model(x, [sample], mode='tensor')
+    total = counter.get_total_flops() // 2
+    by_op = counter.get_flop_counts().get('Global', {})
+    attention = sum(v for op, v in by_op.items() if any(a in str(op) for a in ATTENTION_OPS)) // 2
+    return total, total - attention
+
+
+def main(argv: Optional[Sequence[str]] = None):
+    from mmengine.config import DictAction
+
+    parser = argparse.ArgumentParser(description='Parameters and FLOPs (multiply-adds) of a detector config')
+    parser.add_argument('config')
+    parser.add_argument('--shape', type=int, nargs=2, default=[1280, 800], metavar=('W', 'H'))
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction)
+    args = parser.parse_args(argv)
+    if not osp.isfile(args.config):
+        raise SystemExit(f'error: config file not found: {args.config}')
+    logging.basicConfig(level=logging.INFO, format='%(message)s')
+    model = build_detector(args.config, args.cfg_options)
+    params = count_params(model)
+    backbone = count_params(model.backbone)
+    total, no_attn = count_flops(model, *args.shape)
+    _logger.info('%s\n  params: %.2f M (backbone %.2f M)\n  FLOPs at %dx%d: %.1f G (%.1f G without the attention '
+                 'products)', osp.basename(args.config), params / 1e6, backbone / 1e6, args.shape[0],
+                 args.shape[1], total / 1e9, no_attn / 1e9)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,109 @@
+"""Write a tiny COCO-format instance dataset (shapes on noisy backgrounds) for trying detection/ without COCO.
+
+    python tools/make_tiny_coco.py                      # -> data/tiny_coco/ (run inside detection/)
+    python tools/make_tiny_coco.py --out /tmp/tiny_coco --num-train 16 --num-val 8 --size 128
+
+Layout (the same as data/coco/, so configs only change ``data_root`` and the annotation names)::
+
+    OUT/annotations/instances_train.json   OUT/train/000000.jpg ...
+    OUT/annotations/instances_val.json     OUT/val/000000.jpg ...
+
+Each image holds 1-3 non-overlapping objects of three categories (square, disc, triangle) in random flat colours;
+every object has a box and a polygon mask, ``iscrowd`` 0. The output depends only on ``--seed``.
+"""
+import argparse
+import json
+import logging
+import math
+import os
+import os.path as osp
+from typing import Dict, List, Optional, Sequence
+
+import cv2
+import numpy as np
+
+_logger = logging.getLogger('make_tiny_coco')
+
+CATEGORIES = [dict(id=1, name='square'), dict(id=2, name='disc'), dict(id=3, name='triangle')]
+
+
+def _polygon(category: int, cx: float, cy: float, r: float, angle: float) -> np.ndarray:
+    """Outline of one shape, (K, 2) float pixel coordinates."""
+    if category == 1:
+        n, phase = 4, angle
+    elif category == 2:
+        n, phase = 24, 0.
+    else:
+        n, phase = 3, angle
+    t = phase + 2 * math.pi * np.arange(n) / n
+    return np.stack([cx + r * np.cos(t), cy + r * np.sin(t)], axis=1)
+
+
+def _image(rng: np.random.Generator, size: int, image_id: int, first_ann_id: int):
+    img = rng.normal(110, 25, size=(size, size, 3)).clip(0, 255).astype(np.uint8)
+    img = cv2.GaussianBlur(img, (5, 5), 0)
+    anns, taken = [], []
+    for _ in range(int(rng.integers(1, 4))):
+        for _attempt in range(20):
+            r = float(rng.uniform(0.12, 0.25) * size)
+            cx, cy = rng.uniform(r + 1, size - r - 1, size=2)
+            if all(math.hypot(cx - x, cy - y) > r + q + 2 for x, y, q in taken):
+                break
+        else:
+            continue
+        taken.append((cx, cy, r))
+        category = int(rng.integers(1, 4))
+        poly = _polygon(category, cx, cy, r, float(rng.uniform(0, math.pi)))
+        colour = [int(c) for c in rng.integers(0, 256, size=3)]
+        cv2.fillPoly(img, [np.round(poly).astype(np.int32)], colour)
+        x0, y0 = poly.min(0)
+        x1, y1 = poly.max(0)
+        area = float(cv2.contourArea(poly.astype(np.float32)))
+        anns.append(dict(id=first_ann_id + len(anns), image_id=image_id, category_id=category, iscrowd=0,
+                         bbox=[round(float(x0), 2), round(float(y0), 2), round(float(x1 - x0), 2),
+                               round(float(y1 - y0), 2)],
+                         area=round(area, 2), segmentation=[[round(float(v), 2) for v in poly.reshape(-1)]]))
+    return img, anns
+
+
+def make_split(out: str, split: str, num_images: int, size: int, rng: np.random.Generator) -> Dict:
+    os.makedirs(osp.join(out, split), exist_ok=True)
+    images: List[Dict] = []
+    annotations: List[Dict] = []
+    for i in range(num_images):
+        img, anns = _image(rng, size, image_id=i + 1, first_ann_id=len(annotations) + 1)
+        name = f'{i:06d}.jpg'
+        cv2.imwrite(osp.join(out, split, name), img, [cv2.IMWRITE_JPEG_QUALITY, 95])
+        images.append(dict(id=i + 1, file_name=name, height=size, width=size))
+        annotations += anns
+    coco = dict(info=dict(description=f'tiny shapes, {split}'), licenses=[], images=images,
+                annotations=annotations, categories=CATEGORIES)
+    os.makedirs(osp.join(out, 'annotations'), exist_ok=True)
+    with open(osp.join(out, 'annotations', f'instances_{split}.json'), 'w') as f:
+        json.dump(coco, f)
+    return coco
+
+
+def make_tiny_coco(out: str, num_train: int = 16, num_val: int = 8, size: int = 128, seed: int = 0) -> str:
+    """Write the dataset under ``out`` and return ``out``."""
+    rng = np.random.default_rng(seed)
+    for split, n in (('train', num_train), ('val', num_val)):
+        coco = make_split(out, split, n, size, rng)
+        _logger.info('%s: %d images, %d objects', osp.join(out, split), n, len(coco['annotations']))
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--out', default=osp.join('data', 'tiny_coco'), help='output folder (default: %(default)s)')
+    parser.add_argument('--num-train', type=int, default=16)
+    parser.add_argument('--num-val', type=int, default=8)
+    parser.add_argument('--size', type=int, default=128, help='image side in pixels')
+    parser.add_argument('--seed', type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format='%(message)s')
+    make_tiny_coco(args.out, args.num_train, args.num_val, args.size, args.seed)
+
+
+if __name__ == '__main__':
+    main()

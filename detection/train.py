@@ -1,0 +1,12 @@
+"""Train a detector: ``python train.py configs/X.py [--resume [CKPT]] [--amp] [--cfg-options k=v ...]``.
+
+Several processes: ``bash dist_train.sh configs/X.py GPUS``. Logs and checkpoints go to ``work_dirs/<config>/``.
+"""
+import os.path as osp
+import sys
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # the repository root, for `scalablevit`
+from scalablevit.mm_tools import train_main  # noqa: E402
+
+if __name__ == '__main__':
+    train_main(sys.argv[1:], osp.dirname(osp.abspath(__file__)), 'Train a ScalableViT detector (mmdetection 3.x)')
