@@ -1,27 +1,7 @@
 #!/usr/bin/env bash
-# bash dist_train.sh CONFIG GPUS [train.py options]
-# One process per GPU through torchrun; with no GPU, GPUS CPU processes over gloo. NNODES, NODE_RANK, PORT and
-# MASTER_ADDR set a multi-node run.
+# bash dist_train.sh CONFIG GPUS [train.py options]: one process per GPU (CPU processes over gloo without GPUs).
+# NNODES, NODE_RANK, MASTER_ADDR, PORT for several nodes (tools/dist_run.sh).
 set -e
-if [ $# -lt 2 ]; then
-    echo "usage: bash dist_train.sh CONFIG GPUS [train.py options]" >&2
-    exit 2
-fi
-CONFIG=$1
-GPUS=$2
-NNODES=${NNODES:-1}
-NODE_RANK=${NODE_RANK:-0}
-PORT=${PORT:-$((29500 + RANDOM % 1000))}
-MASTER_ADDR=${MASTER_ADDR:-"127.0.0.1"}
+[ $# -ge 2 ] || { echo "usage: bash dist_train.sh CONFIG GPUS [train.py options]" >&2; exit 2; }
 HERE=$(cd "$(dirname "$0")" && pwd)
-
-PYTHONPATH="$HERE/..":$PYTHONPATH \
-python -m torch.distributed.run \
-    --nnodes=$NNODES \
-    --node_rank=$NODE_RANK \
-    --master_addr=$MASTER_ADDR \
-    --nproc_per_node=$GPUS \
-    --master_port=$PORT \
-    "$HERE/train.py" \
-    "$CONFIG" \
-    --launcher pytorch "${@:3}"
+exec bash "$HERE/../tools/dist_run.sh" "$2" "$HERE/train.py" "$1" "${@:3}"

@@ -17,11 +17,9 @@ import torch
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # the repository root, for `scalablevit`
 
-_logger = logging.getLogger('get_flops')
+from scalablevit.info import count_macs, count_params  # noqa: E402
 
-# Operators through which the attention products run (batched matmuls and fused attention); convolutions and
-# linear layers go through convolution / mm / addmm.
-ATTENTION_OPS = ('bmm', 'baddbmm', '_scaled_dot_product', 'scaled_dot_product')
+_logger = logging.getLogger('get_flops')
 
 
 def build_detector(config: str, cfg_options: Optional[dict] = None):
@@ -40,29 +38,15 @@ def build_detector(config: str, cfg_options: Optional[dict] = None):
     return MODELS.build(cfg.model)
 
 
-def count_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-@torch.no_grad()
 def count_flops(model: torch.nn.Module, width: int = 1280, height: int = 800):
     """(all multiply-adds, multiply-adds without the attention products) of one forward pass."""
     from mmdet.structures import DetDataSample
-    from torch.utils.flop_counter import FlopCounterMode
 
-    model.eval()
-    for m in model.modules():  # every product visible: no fused attention kernel
-        if hasattr(m, 'fused_attn'):
-            m.fused_attn = False
     x = torch.zeros(1, 3, height, width)
     sample = DetDataSample(metainfo=dict(img_shape=(height, width), ori_shape=(height, width),
                                          pad_shape=(height, width), batch_input_shape=(height, width),
                                          scale_factor=(1., 1.)))
-    with FlopCounterMode(display=False) as counter:
-        model(x, [sample], mode='tensor')
-    total = counter.get_total_flops() // 2
-    by_op = counter.get_flop_counts().get('Global', {})
-    attention = sum(v for op, v in by_op.items() if any(a in str(op) for a in ATTENTION_OPS)) // 2
+    total, attention = count_macs(model, lambda: model(x, [sample], mode='tensor'))
     return total, total - attention
 
 

@@ -5,11 +5,13 @@
 
 FLOPs follow the papers' convention (one multiply-add = one FLOP, as fvcore counts them) and are measured with
 ``torch.utils.flop_counter`` on the plain attention path, so every matmul is seen: convolutions, linears and
-the attention products. Norms, activations and softmax are not counted (as in fvcore).
+the attention products. Norms, activations and softmax are not counted (as in fvcore). :func:`count_macs` is
+the one counter of the project: ``detection/get_flops.py`` and ``segmentation/get_flops.py`` use it too.
 """
 import argparse
 import logging
-from typing import Dict, Optional, Sequence, Tuple, Union
+from contextlib import contextmanager
+from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -29,18 +31,39 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def _set_plain_attention(model: nn.Module, plain: bool) -> Dict[nn.Module, bool]:
-    """Put every module with a ``fused_attn`` flag on the plain path; returns the previous flags."""
-    previous = {}
-    for m in model.modules():
-        if hasattr(m, 'fused_attn'):
-            previous[m] = m.fused_attn
-            if plain:
-                m.fused_attn = False
-    return previous
+@contextmanager
+def plain_attention(model: nn.Module):
+    """Every module with a ``fused_attn`` flag on the plain path (explicit matmuls), restored afterwards."""
+    previous = {m: m.fused_attn for m in model.modules() if hasattr(m, 'fused_attn')}
+    try:
+        for m in previous:
+            m.fused_attn = False
+        yield model
+    finally:
+        for m, flag in previous.items():
+            m.fused_attn = flag
 
 
 @torch.no_grad()
+def count_macs(model: nn.Module, run: Callable[[], Any]) -> Tuple[int, int]:
+    """(all multiply-adds, of which attention products) of ``run()``, a forward pass of ``model``, in eval mode.
+
+    Attention runs on the plain path, where its two products (``q @ k^T``, ``attn @ v``) are the only batched
+    matmuls (``aten.bmm``); convolutions and linears go through convolution / mm / addmm. Counters of the
+    mmcv 1.x era (the detection and segmentation tables of the paper and its peers) did not see the attention
+    products, so both numbers are returned.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with plain_attention(model), FlopCounterMode(display=False) as counter:
+            run()
+    finally:
+        model.train(was_training)
+    ops = {str(op): n // 2 for op, n in counter.get_flop_counts().get('Global', {}).items()}
+    return sum(ops.values()), ops.get('aten.bmm', 0)
+
+
 def count_flops(
         model: nn.Module,
         input_size: Union[int, Tuple[int, int]] = 224,
@@ -52,18 +75,8 @@ def count_flops(
         input_size = (input_size, input_size)
     if device is None:
         device = next(model.parameters()).device
-    was_training = model.training
-    previous = _set_plain_attention(model, True)
-    try:
-        model.eval()
-        x = torch.zeros(1, in_chans, *input_size, device=device)
-        with FlopCounterMode(display=False) as counter:
-            model(x)
-        return counter.get_total_flops() // 2
-    finally:
-        for m, flag in previous.items():
-            m.fused_attn = flag
-        model.train(was_training)
+    x = torch.zeros(1, in_chans, *input_size, device=device)
+    return count_macs(model, lambda: model(x))[0]
 
 
 def describe(model: nn.Module, input_size: Union[int, Tuple[int, int]] = 224, in_chans: int = 3) -> str:
@@ -75,16 +88,20 @@ def describe(model: nn.Module, input_size: Union[int, Tuple[int, int]] = 224, in
 
 def table(models: Sequence[str], img_size: int = 224) -> str:
     import timm
+
     import scalablevit  # noqa: F401  (registers the entry points)
 
-    rows = ['| model | params (M) | released code (M) | published (M) | GFLOPs | published GFLOPs |',
-            '| --- | --- | --- | --- | --- | --- |']
+    rows = ['| model | params (M) | released code (M) | published (M) | GFLOPs | GFLOPs without attention products '
+            '| published GFLOPs |', '| --- | --- | --- | --- | --- | --- | --- |']
     for name in models:
         model = timm.create_model(name)
+        x = torch.zeros(1, 3, img_size, img_size)
+        total, attention = count_macs(model, lambda: model(x))
         pub = {k: f'{v:g}' for k, v in PUBLISHED.get(name, {}).items()}
         rows.append(
-            f'| {name} | {count_params(model) / 1e6:.2f} | {pub.get("released_params_m", "-")} | '
-            f'{pub.get("params_m", "-")} | {count_flops(model, img_size) / 1e9:.2f} | {pub.get("gflops", "-")} |')
+            f'| {name} | {count_params(model) / 1e6:.2f} | {PUBLISHED[name]["released_params_m"]:.2f} | '
+            f'{pub.get("params_m", "-")} | {total / 1e9:.2f} | {(total - attention) / 1e9:.2f} | '
+            f'{pub.get("gflops", "-")} |')
     return '\n'.join(rows)
 
 

@@ -33,8 +33,8 @@ class SetupError(SystemExit):
 def check_mm_stack():
     """Fail with the fix when the OpenMMLab stack is missing or mmcv has no compiled ops."""
     try:
-        import mmengine  # noqa: F401
         import mmcv
+        import mmengine  # noqa: F401
     except ImportError as e:
         raise SetupError(f'the OpenMMLab stack is not installed ({e}); run `bash install.sh` in the repository root')
     try:

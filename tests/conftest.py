@@ -1,6 +1,7 @@
 """Shared test fixtures: the released code's reference outputs and a tiny ScalableViT configuration."""
 import importlib.util
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,13 @@ TINY_ARGS = dict(embed_dims=(32, 64, 96, 128), num_heads=(1, 2, 3, 4), depths=(2
                  c_ratios=(2, 1.25, 0.5, 1), sr_ratios=(8, 4, 2, 1))
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface, for a torchrun rendezvous."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
 
 
 def _load_fill():

@@ -10,7 +10,6 @@ import logging
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CLS_DIR = REPO / 'classification'
@@ -73,12 +74,6 @@ def run_script(argv, launcher=(), timeout=600):
     env.pop('RANK', None), env.pop('WORLD_SIZE', None)
     cmd = [sys.executable, *launcher, 'main.py', *map(str, argv)]
     return subprocess.run(cmd, cwd=CLS_DIR, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def read_log(path: Path):

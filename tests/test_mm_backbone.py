@@ -2,9 +2,7 @@
 import pytest
 import torch
 
-pytest.importorskip('mmengine')
-mm = pytest.importorskip('scalablevit.mm')
-
+import scalablevit.mm as mm  # noqa: E402
 from scalablevit import ScalableViT  # noqa: E402
 
 ScalableViTBackbone = mm.ScalableViTBackbone
@@ -150,7 +148,8 @@ def test_pretrained_from_classification_checkpoint(tmp_path):
 
 
 def test_pretrained_released_small_state_dict():
-    timm = pytest.importorskip('timm')
+    import timm
+
     import scalablevit  # noqa: F401  (registers the timm entry points)
     sd = timm.create_model('scalable_vit_small').state_dict()
     model = ScalableViTBackbone(arch='s')
@@ -180,7 +179,7 @@ def test_pretrained_wrong_checkpoint_names_the_keys(tmp_path):
 
 
 def test_found_by_mmdet_registry():
-    mmdet_models = pytest.importorskip('mmdet.registry').MODELS
+    from mmdet.registry import MODELS as mmdet_models
     model = mmdet_models.build(dict(type='ScalableViTBackbone', arch=TINY, out_indices=(3,)))
     assert isinstance(model, ScalableViTBackbone)
 

@@ -1,0 +1,13 @@
+"""Train a ScalableViT segmenter with mmsegmentation 1.x: ``python train.py configs/X.py [--resume] [--amp]``.
+
+Multi-GPU: ``bash dist_train.sh configs/X.py GPUS``. Without a GPU the same commands run on CPU (gloo, BN).
+"""
+import os.path as osp
+import sys
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # the repository, if not pip-installed
+
+from scalablevit.mm_tools import train_main  # noqa: E402
+
+if __name__ == '__main__':
+    train_main(sys.argv[1:], osp.dirname(osp.abspath(__file__)), 'Train a ScalableViT segmenter (mmseg 1.x)')
