@@ -355,7 +355,8 @@ class ScalableViT(nn.Module):
             self.pos_drops.append(nn.Dropout(p=drop_rate))
             prev_chs = embed_dims[i]
 
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths))]
+        total = sum(depths)
+        dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # linear; no tensor op (meta init)
         self.stages = nn.ModuleList()
         self.feature_info = []
         cur = 0

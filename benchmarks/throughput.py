@@ -1,0 +1,367 @@
+"""Throughput and peak memory of ScalableViT (fast and reference paths) and its timm peers.
+
+Inference images/s and training-step images/s (forward, cross-entropy, backward, AdamW step) with peak memory,
+on CPU or CUDA, fp32 or bf16/fp16 autocast, eager or ``torch.compile``. Each ScalableViT model is measured in two
+forms in the same run:
+
+* ``fast``: the library model as it is (fused attention, the default);
+* ``reference``: a copy of the same model, sharing its weights' values, whose attention modules run the released
+  implementation's forward passes as written there (explicit attention matrices, its reshapes and copies); it is
+  checked equal to ``fast`` before anything is timed.
+
+Rows are run interleaved (repeat 1 of every row, then repeat 2, ...) so that machine drift hits every row alike;
+the table shows the median over repeats. Examples::
+
+    python benchmarks/throughput.py --device cpu
+    python benchmarks/throughput.py --device cpu --models scalable_vit_small --batch 16 --dtype fp32 bf16
+    python benchmarks/throughput.py --device cuda --models all --batch 64 --dtype fp16 --mode infer train
+    python benchmarks/throughput.py --models scalable_vit_small --impl fast --compile yes --json row.json
+"""
+import argparse
+import copy
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+import types
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
+
+import timm
+
+from scalablevit.model import InteractiveWindowAttention, ScalableSelfAttention, ScalableViT  # registers models
+
+_logger = logging.getLogger('throughput')
+
+# ScalableViT sizes and the timm peers at similar FLOPs.
+PEERS = {
+    'scalable_vit_small': ['swin_tiny_patch4_window7_224', 'pvt_v2_b2', 'twins_svt_small'],
+    'scalable_vit_base': ['swin_small_patch4_window7_224', 'pvt_v2_b3', 'twins_svt_base'],
+    'scalable_vit_large': ['swin_base_patch4_window7_224', 'pvt_v2_b4', 'twins_svt_large'],
+}
+ALL_MODELS = [m for ours, peers in PEERS.items() for m in [ours] + peers]
+DTYPES = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The reference path: the released forward passes (Twins-style code of the ScalableViT release), transcribed as they
+# were written and bound onto our modules, so that they use our parameters. Not a model definition: no layers here.
+# --------------------------------------------------------------------------------------------------------------------
+
+def released_ssa_forward(self: ScalableSelfAttention, x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """SSA as released: explicit attention matrix, reshape + permute for every head split."""
+    H, W = size
+    B, N, C = x.shape
+    if self.sr_ratio > 1:
+        _q = self.q(x).reshape(B, N, self.num_heads, int(self.c_dim / self.num_heads)).permute(0, 2, 1, 3)
+        _x = x.permute(0, 2, 1).reshape(B, C, H, W)
+        _x = self.reduction(_x).reshape(B, self.c_dim, -1).permute(0, 2, 1)
+        _x = self.norm_act(_x)
+        _k = self.k(_x).reshape(B, -1, self.num_heads, int(self.c_dim / self.num_heads)).permute(0, 2, 1, 3)
+        _v = self.v(_x).reshape(B, -1, self.num_heads, int(C / self.num_heads)).permute(0, 2, 1, 3)
+    else:
+        _q = self.q(x).reshape(B, N, self.num_heads, C // self.num_heads).permute(0, 2, 1, 3)
+        kv = self.kv(x).reshape(B, -1, 2, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        _k, _v = kv[0], kv[1]
+    attn = (_q @ _k.transpose(-2, -1)) * self.scale
+    attn = attn.softmax(dim=-1)
+    attn = self.attn_drop(attn)
+    x = (attn @ _v).transpose(1, 2).reshape(B, N, C)
+    x = self.proj(x)
+    x = self.proj_drop(x)
+    return x
+
+
+def released_iwsa_forward(self: InteractiveWindowAttention, x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """IWSA as released: window partition of x before qkv, explicit attention matrix, v back through transposes."""
+    H, W = size
+    B, N, C = x.shape
+    ws = self.ws
+    h_group, w_group = H // ws, W // ws
+    total_groups = h_group * w_group
+    x = x.reshape(B, h_group, ws, w_group, ws, C).transpose(2, 3)
+    qkv = self.qkv(x).reshape(B, total_groups, -1, 3, self.num_heads, C // self.num_heads).permute(3, 0, 1, 4, 2, 5)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    attn = (q @ k.transpose(-2, -1)) * self.scale
+    attn = attn.softmax(dim=-1)
+    attn = self.attn_drop(attn)
+    attn = (attn @ v).transpose(2, 3).reshape(B, h_group, w_group, ws, ws, C)
+    x = attn.transpose(2, 3).reshape(B, N, C)
+    v = v.transpose(2, 3).reshape(B, h_group, w_group, ws, ws, C).transpose(2, 3).reshape(B, H, W, C)
+    v = v.permute(0, 3, 1, 2)
+    x = x + self.lim_func(v).reshape(B, C, N).permute(0, 2, 1)
+    x = self.proj(x)
+    x = self.proj_drop(x)
+    return x
+
+
+def released_to_nchw(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """Between stages, as released: tokens to a contiguous NCHW map."""
+    B = x.shape[0]
+    H, W = size
+    return x.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous()
+
+
+def make_reference(model: ScalableViT) -> ScalableViT:
+    """A copy of ``model`` (same parameter values) that computes as the released code does.
+
+    Only supports what the released code supports: H and W multiples of the window size and of the SSA ratios.
+    """
+    ref = copy.deepcopy(model)
+    for m in ref.modules():
+        if isinstance(m, ScalableSelfAttention):
+            m.forward = types.MethodType(released_ssa_forward, m)
+        elif isinstance(m, InteractiveWindowAttention):
+            m.forward = types.MethodType(released_iwsa_forward, m)
+    ref._to_nchw = released_to_nchw
+    return ref
+
+
+def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Measurement
+# --------------------------------------------------------------------------------------------------------------------
+
+def sync(device: torch.device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+class Row:
+    """One row of the table: a model in one form, mode, dtype and compile setting, with its runner."""
+
+    def __init__(self, name: str, impl: str, mode: str, dtype: str, compiled: bool, model: torch.nn.Module,
+                 device: torch.device, batch: int, img_size: int):
+        self.name, self.impl, self.mode, self.dtype, self.compiled = name, impl, mode, dtype, compiled
+        self.device, self.batch = device, batch
+        self.times: List[float] = []
+        self.peak_mem_mb: Optional[float] = None
+        self.model = model.to(device)
+        self.model.train(mode == 'train')
+        self.fn = torch.compile(self.model) if compiled else self.model
+        self.x = torch.randn(batch, 3, img_size, img_size, device=device)
+        self.y = torch.randint(0, max(1, getattr(model, 'num_classes', 1000)), (batch,), device=device)
+        amp_dtype = DTYPES[dtype]
+        self.autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-6) if mode == 'train' else None
+
+    def step(self):
+        if self.mode == 'infer':
+            with torch.inference_mode(), self.autocast():
+                self.fn(self.x)
+        else:
+            with self.autocast():
+                loss = F.cross_entropy(self.fn(self.x), self.y)
+            loss.backward()
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+
+    def timed(self, iters: int):
+        sync(self.device)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            self.step()
+        sync(self.device)
+        self.times.append((time.perf_counter() - t0) / iters)
+
+    def measure_memory(self):
+        """Peak memory of one step above what was allocated before it (CUDA: allocator stats; CPU: profiler)."""
+        if self.device.type == 'cuda':
+            sync(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.step()
+            sync(self.device)
+            self.peak_mem_mb = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
+        else:
+            self.peak_mem_mb = cpu_peak_bytes(self.step) / 2 ** 20
+
+    @property
+    def img_per_s(self) -> float:
+        return self.batch / statistics.median(self.times)
+
+    def record(self) -> Dict:
+        return dict(
+            model=self.name, impl=self.impl, device=self.device.type, dtype=self.dtype, batch=self.batch,
+            mode=self.mode, compiled=self.compiled, img_per_s=round(self.img_per_s, 3),
+            peak_mem_mb=None if self.peak_mem_mb is None else round(self.peak_mem_mb, 1),
+            median_s=statistics.median(self.times), min_s=min(self.times), times_s=self.times,
+        )
+
+
+def cpu_peak_bytes(step: Callable[[], None]) -> int:
+    """Peak of the running sum of CPU allocations made during ``step`` (the profiler's allocation events)."""
+    from torch._C._profiler import _EventType
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    allocs = []
+
+    def walk(node):
+        if node.tag == _EventType.Allocation and str(node.extra_fields.device) == 'cpu':
+            allocs.append((node.start_time_ns, node.extra_fields.alloc_size))
+        for child in node.children:
+            walk(child)
+
+    for root in prof.profiler.kineto_results.experimental_event_tree():
+        walk(root)
+    cur = peak = 0
+    for _, size in sorted(allocs):
+        cur += size
+        peak = max(peak, cur)
+    return peak
+
+
+def build_models(name: str, impls: List[str], img_size: int,
+                 model_args: Optional[Dict] = None) -> List[Tuple[str, torch.nn.Module]]:
+    """(impl, model) pairs for ``name``: ours as fast and reference (checked equal), a peer as timm."""
+    torch.manual_seed(0)
+    ours = name in timm.list_models('scalable_vit*')
+    model = timm.create_model(name, pretrained=False, **((model_args or {}) if ours else {}))
+    if not isinstance(model, ScalableViT):
+        return [('timm', model)] if 'timm' in impls else []
+    out = []
+    if 'fast' in impls:
+        out.append(('fast', model))
+    if 'reference' in impls:
+        ref = make_reference(model)
+        check_reference(model, ref, img_size)
+        out.append(('reference', ref))
+    return out
+
+
+@torch.no_grad()
+def check_reference(model: ScalableViT, ref: ScalableViT, img_size: int, batch: int = 2) -> float:
+    """Assert that the fast model and the released computation give the same logits (fp32, eval)."""
+    modes = model.training, ref.training
+    model.eval(), ref.eval()
+    x = torch.randn(batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(1))
+    err = max_rel_err(model(x), ref(x))
+    model.train(modes[0]), ref.train(modes[1])
+    if err > 1e-4:
+        raise AssertionError(f'fast and reference paths differ: max relative error {err:.2e}')
+    return err
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser('ScalableViT throughput benchmark', add_help=False)
+    parser.add_argument('--models', nargs='+', default=None,
+                        help='model names, or "all" (default: scalable_vit_small and its peers on CPU, all on CUDA)')
+    parser.add_argument('--impl', nargs='+', default=['fast', 'reference', 'timm'],
+                        choices=['fast', 'reference', 'timm'], help='forms to measure')
+    parser.add_argument('--device', default='auto', help='cpu, cuda, cuda:N or auto')
+    parser.add_argument('--batch', type=int, default=None, help='batch size (default: 8 on CPU, 64 on CUDA)')
+    parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('--dtype', nargs='+', default=None, choices=list(DTYPES),
+                        help='fp32, or bf16/fp16 autocast (default: fp32 on CPU, fp16 on CUDA)')
+    parser.add_argument('--mode', nargs='+', default=['infer'], choices=['infer', 'train'])
+    parser.add_argument('--compile', nargs='?', const='yes', default='no', choices=['no', 'yes', 'both'],
+                        help='torch.compile rows: no (eager), yes (compiled), both; "--compile" alone is yes')
+    parser.add_argument('--warmup', type=int, default=None, help='warm-up steps per row (default: 1 CPU, 10 CUDA)')
+    parser.add_argument('--repeats', type=int, default=None, help='interleaved repeats (default: 3 CPU, 10 CUDA)')
+    parser.add_argument('--iters', type=int, default=None, help='steps per repeat (default: 1 CPU, 10 CUDA)')
+    parser.add_argument('--model-args', type=json.loads, default=None,
+                        help='JSON dict of ScalableViT constructor overrides, e.g. \'{"depths": [1, 1, 3, 1]}\'')
+    parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch default)')
+    parser.add_argument('--no-mem', action='store_true', help='skip the peak memory measurement')
+    parser.add_argument('--json', default=None, help='also write the rows as a JSON list of records to this path')
+    return parser
+
+
+def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    if args.device == 'auto':
+        args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    cuda = args.device.startswith('cuda')
+    if args.models is None:
+        args.models = ALL_MODELS if cuda else ['scalable_vit_small'] + PEERS['scalable_vit_small']
+    elif args.models == ['all']:
+        args.models = ALL_MODELS
+    args.batch = args.batch or (64 if cuda else 8)
+    args.dtype = args.dtype or (['fp16'] if cuda else ['fp32'])
+    args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 1)
+    args.repeats = args.repeats or (10 if cuda else 3)
+    args.iters = args.iters or (10 if cuda else 1)
+    return args
+
+
+def format_table(rows: List[Row], header: str) -> str:
+    ref = {(r.name, r.mode, r.dtype, r.compiled): r.img_per_s for r in rows if r.impl == 'reference'}
+    cols = ['model', 'impl', 'mode', 'dtype', 'compiled', 'img/s', 'vs ref', 'peak MB', 'spread']
+    lines = []
+    for r in rows:
+        base = ref.get((r.name, r.mode, r.dtype, r.compiled))
+        spread = (max(r.times) - min(r.times)) / statistics.median(r.times)
+        lines.append([r.name, r.impl, r.mode, r.dtype, 'yes' if r.compiled else 'no', f'{r.img_per_s:.2f}',
+                      f'{r.img_per_s / base:.2f}x' if base and r.impl == 'fast' else '',
+                      '-' if r.peak_mem_mb is None else f'{r.peak_mem_mb:.0f}', f'{100 * spread:.0f}%'])
+    widths = [max(len(c), *(len(line[i]) for line in lines)) for i, c in enumerate(cols)]
+
+    def fmt(cells: List[str]) -> str:
+        return '| ' + ' | '.join(c.ljust(w) for c, w in zip(cells, widths)) + ' |'
+
+    out = [header, '', fmt(cols), '|' + '|'.join('-' * (w + 2) for w in widths) + '|']
+    return '\n'.join(out + [fmt(line) for line in lines])
+
+
+def main(args: argparse.Namespace) -> List[Dict]:
+    args = resolve_defaults(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    compiled_opts = {'no': [False], 'yes': [True], 'both': [False, True]}[args.compile]
+
+    rows: List[Row] = []
+    for name in args.models:
+        for impl, model in build_models(name, args.impl, args.img_size, args.model_args):
+            for mode in args.mode:
+                for dtype in args.dtype:
+                    for compiled in compiled_opts:
+                        # each row owns its weights: training steps must not change another row's model
+                        m = copy.deepcopy(model) if len(args.mode) * len(args.dtype) * len(compiled_opts) > 1 else model
+                        rows.append(Row(name, impl, mode, dtype, compiled, m, device, args.batch, args.img_size))
+    if not rows:
+        raise SystemExit('no rows selected')
+
+    for r in rows:
+        _logger.info('warm-up %s %s %s %s compiled=%s', r.name, r.impl, r.mode, r.dtype, r.compiled)
+        for _ in range(args.warmup):
+            r.step()
+    for i in range(args.repeats):
+        _logger.info('repeat %d/%d', i + 1, args.repeats)
+        for r in rows:
+            r.timed(args.iters)
+    if not args.no_mem:
+        for r in rows:
+            r.measure_memory()
+
+    dev_name = torch.cuda.get_device_name(device) if device.type == 'cuda' else (platform.processor() or 'cpu')
+    header = (f'device {device.type} ({dev_name}), torch {torch.__version__}, timm {timm.__version__}, '
+              f'threads {torch.get_num_threads()}, batch {args.batch}, {args.img_size}px, warm-up {args.warmup}, '
+              f'median of {args.repeats} repeats x {args.iters} steps')
+    if device.type == 'cpu' and hasattr(os, 'getloadavg'):
+        header += ', load average {:.2f} {:.2f} {:.2f}'.format(*os.getloadavg())
+    print(format_table(rows, header))
+
+    records = [r.record() for r in rows]
+    for rec in records:
+        rec.update(torch=torch.__version__, threads=torch.get_num_threads(), img_size=args.img_size)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(records, indent=1))
+    return records
+
+
+if __name__ == '__main__':
+    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s', stream=sys.stderr)
+    parser = argparse.ArgumentParser('ScalableViT throughput benchmark', parents=[get_args_parser()])
+    main(parser.parse_args())
