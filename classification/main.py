@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 from torch.utils.data.distributed import DistributedSampler
 
 import scalablevit  # registers scalable_vit_small/base/large with timm
-from scalablevit.info import describe
+from scalablevit.info import count_params, describe
 
 # isort: split
 import utils
@@ -257,7 +257,7 @@ def main(args: argparse.Namespace):
     if args.distributed:
         model = DistributedDataParallel(model, device_ids=[args.gpu] if device.type == 'cuda' else None)
         model_without_ddp = model.module
-    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_parameters = count_params(model, trainable_only=True)
 
     if not args.unscale_lr:
         args.lr = args.lr * args.batch_size * utils.get_world_size() / 512.0
