@@ -1,0 +1,133 @@
+"""Reading checkpoints and reporting the ones that do not fit, the same way everywhere.
+
+Every loader of the project (timm ``pretrained=True``, ``classification/main.py --resume/--finetune``, the
+mmengine backbone's ``init_cfg``, ``detection|segmentation/test.py``, ``tools/convert_checkpoint.py``) reads files
+with :func:`load_checkpoint` and compares weights with :func:`check_state_dict`, so a user meets one message for
+one problem:
+
+    checkpoint ckpt.pth does not fit ScalableViT: 2 missing (head.3.bias, head.3.weight); 1 unexpected (fc.bias);
+    1 of another shape (patch_embeds.0.proj.weight: checkpoint (96, 3, 7, 7) vs model (64, 3, 7, 7))
+
+Nothing is ever half-loaded: a mismatch raises before any tensor is copied.
+"""
+import argparse
+import os
+import re
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+__all__ = ['CheckpointError', 'CheckpointMismatchError', 'load_checkpoint', 'describe_mismatch',
+           'check_state_dict', 'load_state_dict_strict']
+
+_SHOWN = 5  # keys listed per kind before "... (N in all)"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, unreadable or not a dict of weights."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """Weights whose names or shapes do not fit the model; the message lists them."""
+
+
+def load_checkpoint(path: Union[str, os.PathLike], safe_globals: Sequence[Any] = ()) -> Dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` on the CPU, with one-line errors.
+
+    ``argparse.Namespace`` is allowed for this load only: DeiT-style files, the released ScalableViT weights among
+    them, keep their command line in ``args``. ``safe_globals`` allows more classes for this load only (mmengine
+    checkpoints need a few; see ``scalablevit.mm_compat``).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f'checkpoint not found: {path}')
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace, *safe_globals]):
+            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # noqa: BLE001  (unpickling raises many types; report them uniformly)
+        raise CheckpointError(f'cannot read checkpoint {path}: {_reason(e)}') from e
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f'checkpoint {path} holds a {type(checkpoint).__name__}, expected a dict of weights')
+    return checkpoint
+
+
+def _reason(e: Exception) -> str:
+    """The useful line of a ``torch.load`` error (the weights-only unpickler buries it in advice)."""
+    text = str(e)
+    m = re.search(r'Unsupported global: GLOBAL (\S+)', text)
+    if m:
+        return (f'it stores a Python object of class {m.group(1)}, which a weights-only load refuses '
+                f'(save a state dict instead, or convert the file with tools/convert_checkpoint.py)')
+    if 'WeightsUnpickler error' in text or 'invalid load key' in text or isinstance(e, EOFError):
+        return 'not a PyTorch checkpoint (or a truncated one)'
+    first = (text.strip().splitlines() or [''])[0]
+    return f'{type(e).__name__}: {first}'
+
+
+def _matches(key: str, patterns: Iterable[str]) -> bool:
+    """``key`` equals a pattern, or starts with one that ends with a dot (a module prefix such as ``'head.'``)."""
+    return any(key == p or (p.endswith('.') and key.startswith(p)) for p in patterns)
+
+
+def _listing(keys: List[str]) -> str:
+    keys = sorted(keys)
+    shown = ', '.join(keys[:_SHOWN])
+    return f'{shown}, ... ({len(keys)} in all)' if len(keys) > _SHOWN else shown
+
+
+def describe_mismatch(
+        own: Mapping[str, torch.Tensor],
+        state_dict: Mapping[str, torch.Tensor],
+        allow_missing: Iterable[str] = (),
+        allow_unexpected: Iterable[str] = (),
+) -> Optional[str]:
+    """What keeps ``state_dict`` from loading into a model whose state dict is ``own``; ``None`` if it fits.
+
+    ``allow_missing`` / ``allow_unexpected``: keys, or module prefixes ending with ``'.'``, that may be absent from
+    the checkpoint / present only in it.
+    """
+    allow_missing, allow_unexpected = tuple(allow_missing), tuple(allow_unexpected)
+    missing = [k for k in own if k not in state_dict and not _matches(k, allow_missing)]
+    unexpected = [k for k in state_dict if k not in own and not _matches(k, allow_unexpected)]
+    shape = [f'{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}'
+             for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f'{len(missing)} missing ({_listing(missing)})')
+    if unexpected:
+        parts.append(f'{len(unexpected)} unexpected ({_listing(unexpected)})')
+    if shape:
+        parts.append(f'{len(shape)} of another shape ({_listing(shape)})')
+    return '; '.join(parts) or None
+
+
+def check_state_dict(
+        model: Union[nn.Module, Mapping[str, torch.Tensor]],
+        state_dict: Mapping[str, torch.Tensor],
+        source: str,
+        allow_missing: Iterable[str] = (),
+        allow_unexpected: Iterable[str] = (),
+        hint: str = '',
+) -> None:
+    """Raise :class:`CheckpointMismatchError` (one line) unless ``state_dict`` fits ``model`` (a module or its
+    state dict). ``source`` names the checkpoint in the message; ``hint`` is appended (e.g. what to check)."""
+    own = model.state_dict() if isinstance(model, nn.Module) else model
+    problem = describe_mismatch(own, state_dict, allow_missing, allow_unexpected)
+    if problem:
+        what = type(model).__name__ if isinstance(model, nn.Module) else 'the model'
+        raise CheckpointMismatchError(f'checkpoint {source} does not fit {what}: {problem}'
+                                      + (f'; {hint}' if hint else ''))
+
+
+def load_state_dict_strict(
+        model: nn.Module,
+        state_dict: Mapping[str, torch.Tensor],
+        source: str,
+        allow_missing: Iterable[str] = (),
+        hint: str = '',
+):
+    """:func:`check_state_dict`, then ``model.load_state_dict``; keys allowed to be missing keep their values."""
+    allow_missing = tuple(allow_missing)
+    check_state_dict(model, state_dict, source, allow_missing=allow_missing, hint=hint)
+    return model.load_state_dict(state_dict, strict=not allow_missing)
