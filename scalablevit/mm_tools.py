@@ -102,6 +102,73 @@ def _build_runner(cfg):
     return Runner.from_cfg(cfg)
 
 
+# Training at the user's scale (fewer GPUs: gradient accumulation; bf16), curves for TensorBoard, and pictures of
+# test predictions: the flags train.py / test.py add on top of mmengine's config.
+
+def _scale_args(parser: argparse.ArgumentParser):
+    parser.add_argument('--amp-dtype', choices=['float16', 'bfloat16'], default=None,
+                        help='autocast dtype of --amp (default float16); implies --amp')
+    parser.add_argument('--grad-accum-steps', type=int, default=1, metavar='N',
+                        help='step the optimizer every N batches (optim_wrapper.accumulative_counts); the effective '
+                             'batch is processes x batch size x N, as with N times the processes')
+    parser.add_argument('--tensorboard', action='store_true',
+                        help="also write the scalars for TensorBoard (mmengine's TensorboardVisBackend, "
+                             "<work dir>/<time>/vis_data/)")
+
+
+def _apply_scale_args(cfg, args: argparse.Namespace):
+    if args.grad_accum_steps < 1:
+        raise SetupError(f'--grad-accum-steps must be at least 1, got {args.grad_accum_steps}')
+    if args.amp or args.amp_dtype:
+        import torch
+        if not torch.cuda.is_available():
+            raise SetupError("--amp / --amp-dtype: mixed precision training needs a GPU (mmengine's AmpOptimWrapper); "
+                             'train without the flag on CPU')
+        cfg.optim_wrapper.type = 'AmpOptimWrapper'
+        cfg.optim_wrapper.loss_scale = 'dynamic'
+        if args.amp_dtype is not None:
+            cfg.optim_wrapper.dtype = args.amp_dtype
+    if args.grad_accum_steps > 1:
+        cfg.optim_wrapper.accumulative_counts = args.grad_accum_steps
+    if args.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except ImportError:
+            raise SetupError('--tensorboard needs the tensorboard package: pip install tensorboard')
+        backends = list(cfg.visualizer.get('vis_backends') or [])
+        if not any(b.get('type') == 'TensorboardVisBackend' for b in backends):
+            backends.append(dict(type='TensorboardVisBackend'))
+        cfg.visualizer.vis_backends = backends
+
+
+def _log_effective_batch(cfg, args: argparse.Namespace):
+    from mmengine.dist import get_world_size
+    from mmengine.logging import print_log
+    world, batch, steps = get_world_size(), cfg.train_dataloader.batch_size, args.grad_accum_steps
+    print_log(f'effective batch: {world} processes x {batch} images x {steps} accumulation steps = '
+              f'{world * batch * steps} images per optimizer step', logger='current')
+
+
+def _apply_show_dir(cfg, show_dir: str):
+    """mmdet's / mmseg's ``--show-dir``: the visualization hook draws each test image's prediction beside its
+    ground truth. Detection: ``DIR/<image name>``; segmentation (mmseg's layout): ``DIR/vis_data/vis_image/``."""
+    from mmengine.logging import print_log
+    hook = cfg.get('default_hooks', {}).get('visualization')
+    if hook is None:
+        raise SetupError('--show-dir: the config has no default_hooks.visualization (mmdet/mmseg default_runtime)')
+    show_dir = osp.abspath(show_dir)  # mmdet's hook would put a relative one under <work dir>/<time>/
+    hook.draw = True
+    if 'Seg' in str(hook.get('type', '')):
+        hook.interval = 1  # every test image (mmseg draws one in 50 by default)
+        cfg.visualizer.save_dir = show_dir
+    else:
+        hook.test_out_dir = show_dir
+    if int(os.environ.get('WORLD_SIZE', 1)) > 1:
+        print_log('--show-dir with several processes: mmengine draws on the main process only, so only its share '
+                  'of the test images is drawn; run test.py in one process to draw them all',
+                  logger='current', level=logging.WARNING)
+
+
 def train_main(argv: Optional[List[str]], task_dir: str, description: str):
     check_mm_stack()
     import scalablevit.mm  # noqa: F401  (registers the backbone, torch/CPU compatibility)
@@ -112,17 +179,18 @@ def train_main(argv: Optional[List[str]], task_dir: str, description: str):
     parser.add_argument('--auto-scale-lr', action='store_true', help='scale the lr by the actual batch size')
     parser.add_argument('--resume', nargs='?', type=str, const='auto',
                         help='resume from this checkpoint, or from the latest in the work dir if none is given')
+    _scale_args(parser)
     _common_args(parser)
     args = parser.parse_args(argv)
 
     cfg = load_config(args.config, args, task_dir)
-    if args.amp:
-        cfg.optim_wrapper.type = 'AmpOptimWrapper'
-        cfg.optim_wrapper.loss_scale = 'dynamic'
+    _apply_scale_args(cfg, args)
     if args.auto_scale_lr:
         if 'auto_scale_lr' not in cfg or 'base_batch_size' not in cfg.auto_scale_lr:
             raise SetupError('--auto-scale-lr: the config has no auto_scale_lr.base_batch_size')
         cfg.auto_scale_lr.enable = True
+        # mmengine scales by processes x batch; the effective batch also counts the accumulated micro-batches
+        cfg.auto_scale_lr.base_batch_size = cfg.auto_scale_lr.base_batch_size / args.grad_accum_steps
     if args.resume == 'auto':
         cfg.resume, cfg.load_from = True, None
     elif args.resume is not None:
@@ -131,6 +199,7 @@ def train_main(argv: Optional[List[str]], task_dir: str, description: str):
         cfg.resume, cfg.load_from = True, args.resume
     _check_data(cfg, ('train_dataloader', 'val_dataloader'))
     runner = _build_runner(cfg)
+    _log_effective_batch(cfg, args)
     runner.train()
     return runner
 
@@ -148,6 +217,7 @@ def test_main(argv: Optional[List[str]], task_dir: str, description: str,
                         help="test-time augmentation: the config's tta_model/tta_pipeline (multi-scale + flip)")
     parser.add_argument('--eval', nargs='*', metavar='METRIC',
                         help="accepted for the 2.x/0.x command lines; metrics come from the config's test_evaluator")
+    parser.add_argument('--show-dir', help='draw each test image with its prediction beside the ground truth there')
     if add_args is not None:
         add_args(parser)
     _common_args(parser)
@@ -162,6 +232,8 @@ def test_main(argv: Optional[List[str]], task_dir: str, description: str,
         print_log(f'--eval {" ".join(args.eval)}: evaluating with the config\'s test_evaluator '
                   f'({cfg.test_evaluator.get("type", cfg.test_evaluator)}); the flag is kept for old command lines',
                   logger='current', level=logging.WARNING)
+    if args.show_dir:
+        _apply_show_dir(cfg, args.show_dir)
     if args.tta:
         if 'tta_model' not in cfg or 'tta_pipeline' not in cfg:
             raise SetupError(f'--tta/--aug-test: {args.config} defines no tta_model / tta_pipeline')

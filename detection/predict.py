@@ -1,0 +1,16 @@
+"""Detect objects in your own images with a trained detector (mmdet's ``DetInferencer``):
+
+    python predict.py INPUT [INPUT ...] configs/X.py --weights work_dirs/X/epoch_12.pth --out-dir outputs
+
+INPUT: image files, folders (recursive) or globs. Writes ``outputs/vis/`` (boxes, masks, class names and scores
+drawn; ``--score-thr``, default 0.3) and ``outputs/preds/<image>.json`` (every detection: labels, names, scores,
+boxes, RLE masks). ``--device cpu|cuda``. See ``scalablevit/mm_predict.py``.
+"""
+import os.path as osp
+import sys
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # the repository root, for `scalablevit`
+from scalablevit.mm_predict import predict_main  # noqa: E402
+
+if __name__ == '__main__':
+    predict_main(sys.argv[1:], 'det', 'Predict with a ScalableViT detector (mmdetection 3.x DetInferencer)')

@@ -1,0 +1,17 @@
+"""Segment your own images with a trained segmenter (mmseg's ``MMSegInferencer``):
+
+    python predict.py INPUT [INPUT ...] configs/X.py --weights work_dirs/X/iter_80000.pth --out-dir outputs
+
+INPUT: image files, folders (recursive) or globs. Writes ``outputs/vis/`` (the class colour overlay with class
+names; ``--opacity``) and ``outputs/preds/<image>.png`` (label map: pixel value = class index) with
+``<image>.json`` (per class present: name, area, COCO RLE mask). ``--device cpu|cuda``. See
+``scalablevit/mm_predict.py``.
+"""
+import os.path as osp
+import sys
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # the repository, if not pip-installed
+from scalablevit.mm_predict import predict_main  # noqa: E402
+
+if __name__ == '__main__':
+    predict_main(sys.argv[1:], 'seg', 'Predict with a ScalableViT segmenter (mmsegmentation 1.x MMSegInferencer)')
