@@ -1,14 +1,18 @@
-"""Shared test fixtures: the released code's reference outputs and a tiny ScalableViT configuration."""
-import importlib.util
+"""Shared test fixtures: reference outputs of the released code, the tiny architecture, a free port."""
 import os
 import socket
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-REFERENCE_DIR = Path(os.environ.get('SCALABLEVIT_REFERENCE', REPO.parent / 'shared' / 'reference'))
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+
+import reference as _reference  # noqa: E402  (tests/reference.py, importable as a module)
 
 # Small enough for CPU tests, and exercises every code path of the released sizes: SSA with c_ratio > 1, < 1 and
 # == 1, sr_ratio 8/4/2/1, IWSA, the positional conv, several heads. Same numbers as the reference `tiny` model.
@@ -18,39 +22,26 @@ TINY_ARGS = dict(embed_dims=(32, 64, 96, 128), num_heads=(1, 2, 3, 4), depths=(2
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
-def free_port() -> int:
-    """A free TCP port on the loopback interface, for a torchrun rendezvous."""
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-def _load_fill():
-    path = REFERENCE_DIR / 'fill.py'
-    if not path.is_file():
-        raise FileNotFoundError(
-            f'reference outputs not found at {REFERENCE_DIR}; set SCALABLEVIT_REFERENCE to the folder with fill.py')
-    spec = importlib.util.spec_from_file_location('scalablevit_reference_fill', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope='session')
 def fill():
-    """The reference ``fill.py`` module: ``fill_by_name(model, scale)`` and ``fixed_input(batch, size)``."""
-    return _load_fill()
+    """``tests/reference.py``: ``fill_by_name(model, scale=None)`` and ``fixed_input(batch=2, size=224)``."""
+    return _reference
 
 
 @pytest.fixture(scope='session')
 def reference():
-    """Loader of a reference file by name (``tiny``, ``scalable_vit_small``, ``scalable_vit_small.eps``)."""
-    def load(name):
-        return torch.load(REFERENCE_DIR / f'{name}.ref.pt', map_location='cpu', weights_only=True)
-    return load
+    """Loader of a reference output by name (``tiny``, ``scalable_vit_small``, ``scalable_vit_small.eps``)."""
+    return _reference.load_reference
 
 
 @pytest.fixture
 def tiny_args():
     return dict(TINY_ARGS)
 
+
+@pytest.fixture
+def free_port() -> int:
+    """A free TCP port on the loopback interface, for a torchrun / mmengine rendezvous."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
