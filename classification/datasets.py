@@ -1,10 +1,9 @@
 """Data sets and transforms: ImageNet-style ImageFolder (``IMNET``) and the built-in ``DIGITS`` first-run set."""
 import argparse
 import os
-from typing import Callable, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torch.utils.data import Dataset
@@ -12,7 +11,7 @@ from torchvision import datasets, transforms
 from torchvision.transforms import v2
 
 # isort: split
-from utils import UsageError
+from utils import UsageError, plain
 
 DATA_SETS = ('IMNET', 'DIGITS')
 
@@ -81,25 +80,63 @@ def build_transform(is_train: bool, args: argparse.Namespace) -> Callable:
         if not resize_im:  # CIFAR-sized inputs: pad-and-crop instead of RandomResizedCrop
             transform.transforms[0] = transforms.RandomCrop(args.input_size, padding=4)
         return transform
-    t = []
-    if resize_im:
-        size = int(args.input_size / args.eval_crop_ratio)
-        t.append(transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC))
-        t.append(transforms.CenterCrop(args.input_size))
-    t += [transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
-    return transforms.Compose(t)
+    return build_eval_transform(eval_pretrained_cfg(args))
+
+
+def eval_pretrained_cfg(args: argparse.Namespace) -> Dict[str, Any]:
+    """The evaluation preprocessing of ``args``, in the keys of timm's ``pretrained_cfg``.
+
+    Recorded in every checkpoint (``meta['pretrained_cfg']``) and turned into the transform by
+    :func:`build_eval_transform`, so ``main.py --eval`` and ``predict.py`` preprocess alike. Plain types only.
+    ImageFolder data: bicubic resize to ``input_size / eval_crop_ratio``, center crop, ImageNet mean/std (any
+    size, also <= 32). DIGITS: bilinear resize of the whole 8x8 image to ``input_size`` (no crop), mean/std 0.5.
+    """
+    size = args.input_size
+    if args.data_set == 'DIGITS':
+        return dict(input_size=(3, size, size), interpolation='bilinear', crop_pct=1.0, crop_mode='center',
+                    mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    return dict(input_size=(3, size, size), interpolation='bicubic', crop_pct=float(args.eval_crop_ratio),
+                crop_mode='center', mean=tuple(IMAGENET_DEFAULT_MEAN), std=tuple(IMAGENET_DEFAULT_STD))
+
+
+def checkpoint_meta(args: argparse.Namespace, dataset: Dataset) -> Dict[str, Any]:
+    """``ckpt['meta']``: what ``predict.py`` needs besides the weights (plain types, ``weights_only``-loadable):
+    the timm model name and ``--model-kwargs``, the classes (ImageFolder folder names, '0'..'9' for DIGITS) and
+    the evaluation preprocessing (:func:`eval_pretrained_cfg`)."""
+    return dict(model=str(args.model), model_kwargs=plain(dict(args.model_kwargs)), num_classes=int(args.nb_classes),
+                class_names=[str(c) for c in dataset.classes], pretrained_cfg=eval_pretrained_cfg(args))
+
+
+def build_eval_transform(pretrained_cfg: Dict[str, Any]) -> Callable:
+    """PIL image -> normalised tensor, from a ``pretrained_cfg`` dict (ours, or a timm model's): timm's eval
+    transform (resize the short side to ``size / crop_pct``, ``crop_mode`` crop to ``size``, normalise)."""
+    missing = [k for k in ('input_size', 'interpolation', 'crop_pct', 'mean', 'std') if k not in pretrained_cfg]
+    if missing:
+        raise UsageError(f'preprocessing config lacks {", ".join(missing)}: {pretrained_cfg}')
+    return create_transform(
+        input_size=tuple(pretrained_cfg['input_size']),
+        is_training=False,
+        interpolation=pretrained_cfg['interpolation'],
+        crop_pct=pretrained_cfg['crop_pct'],
+        crop_mode=pretrained_cfg.get('crop_mode', 'center'),
+        mean=tuple(pretrained_cfg['mean']),
+        std=tuple(pretrained_cfg['std']),
+    )
 
 
 class DigitsDataset(Dataset):
     """scikit-learn's bundled handwritten digits (1797 real 8x8 scans, 10 classes, no download).
 
-    Split 80/20 stratified with a fixed seed (1437 train, 360 val), upsampled bilinearly to ``input_size`` and
-    repeated to 3 channels, normalised to [-1, 1]. Training adds a random shift (pad by 1/8 and crop); no flips
-    (they change digits). ``--aa``/``--reprob``/``--color-jitter`` apply to ImageFolder data only;
-    mixup/cutmix/label smoothing apply here too, so turn them off for a first run.
+    Split 80/20 stratified with a fixed seed (1437 train, 360 val). Each scan is an 8x8 grayscale PIL image, ink
+    bright on black (the 0..16 counts scaled to 0..255), converted to RGB and passed through the same eval
+    transform as any image (:func:`eval_pretrained_cfg`: bilinear upsampling to ``input_size``, normalised to
+    [-1, 1]), so a PNG of a digit given to ``predict.py`` is preprocessed exactly as here. Training adds a random
+    shift (pad by 1/8 and crop); no flips (they change digits). ``--aa``/``--reprob``/``--color-jitter`` apply to
+    ImageFolder data only; mixup/cutmix/label smoothing apply here too, so turn them off for a first run.
     """
 
     num_classes = 10
+    classes = [str(i) for i in range(10)]
 
     def __init__(self, is_train: bool, input_size: int = 32, transform: Optional[Callable] = None):
         from sklearn.datasets import load_digits
@@ -109,19 +146,24 @@ class DigitsDataset(Dataset):
         idx_train, idx_val = train_test_split(
             list(range(len(digits.target))), test_size=0.2, random_state=0, stratify=digits.target)
         idx = idx_train if is_train else idx_val
-        images = torch.tensor(digits.images[idx], dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8)
-        images = F.interpolate(images, size=(input_size, input_size), mode='bilinear', align_corners=False)
-        self.images = (images.clamp(0, 1) - 0.5) / 0.5
-        self.targets = torch.tensor(digits.target[idx], dtype=torch.long).tolist()
-        if transform is None and is_train:
-            transform = v2.RandomCrop(input_size, padding=input_size // 8, fill=-1.0)
+        self.images = [self.to_image(digits.images[i]) for i in idx]
+        self.targets = [int(digits.target[i]) for i in idx]
+        if transform is None:
+            cfg = eval_pretrained_cfg(argparse.Namespace(data_set='DIGITS', input_size=input_size))
+            transform = build_eval_transform(cfg)
+            if is_train:
+                transform = transforms.Compose(
+                    [transform, v2.RandomCrop(input_size, padding=input_size // 8, fill=-1.0)])
         self.transform = transform
+
+    @staticmethod
+    def to_image(counts) -> Image.Image:
+        """An 8x8 array of ink counts (0..16) -> 8x8 grayscale PIL image, ink bright on black."""
+        pixels = torch.as_tensor(counts, dtype=torch.float32).mul(255 / 16).round().clamp(0, 255)
+        return Image.fromarray(pixels.to(torch.uint8).numpy())  # uint8 (8, 8): mode 'L'
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
-        img = self.images[index]
-        if self.transform is not None:
-            img = self.transform(img)
-        return img.expand(3, -1, -1).contiguous(), self.targets[index]
+        return self.transform(self.images[index].convert('RGB')), self.targets[index]
