@@ -4,8 +4,9 @@ import os
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data.auto_augment import posterize as timm_posterize
 from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 from torchvision.transforms import v2
@@ -61,10 +62,38 @@ def build_dataset(is_train: bool, args: argparse.Namespace) -> Tuple[Dataset, in
     raise UsageError(f'unknown --data-set {args.data_set!r}; choose from {", ".join(DATA_SETS)}')
 
 
+def posterize(img: Image.Image, bits_to_keep: int, **__) -> Image.Image:
+    """timm's RandAugment ``Posterize`` op with the behaviour the released recipe was trained with: 0 bits gives an
+    all-black image.
+
+    ``rand-m9-mstd0.5-inc1`` draws 0 bits whenever the noisy magnitude reaches 10 (about once in 2,000 images).
+    Pillow up to 10.x turned that into black (it masked every bit); Pillow 11 and later raise ``ValueError: bits
+    must be between or equal to 1 and 8``, which killed a training run within minutes of an ImageNet epoch. This
+    keeps the released augmentation and runs on any Pillow.
+    """
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point([0] * 256 * len(img.getbands()))  # what ImageOps.posterize(img, 0) used to return
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _use_released_posterize(transform: Callable) -> Callable:
+    """Swap timm's posterize for :func:`posterize` in the (Rand/Auto/AugMix) augmentation ops of ``transform``."""
+    for t in getattr(transform, 'transforms', [transform]):
+        ops = list(getattr(t, 'ops', []))
+        for sub_policy in getattr(t, 'policy', []):  # AutoAugment: a list of [op, op] sub-policies
+            ops.extend(sub_policy)
+        for op in ops:
+            if getattr(op, 'aug_fn', None) is timm_posterize:
+                op.aug_fn = posterize
+    return transform
+
+
 def build_transform(is_train: bool, args: argparse.Namespace) -> Callable:
-    """DeiT's transforms: timm's RandAugment / color jitter / random erasing pipeline for training; resize to
-    ``input_size / eval_crop_ratio`` (256 for 224) and center crop for evaluation; bicubic."""
-    resize_im = args.input_size > 32
+    """DeiT's transforms: timm's RandAugment / color jitter / random erasing pipeline for training, with random
+    resized crops to ``input_size`` for every size (DeiT's pad-and-crop branch for inputs <= 32 is not kept: it
+    assumed 32x32 CIFAR images); for evaluation the recorded preprocessing (:func:`eval_pretrained_cfg`)."""
     if is_train:
         aa = None if args.aa in (None, '', 'none') else args.aa
         transform = create_transform(
@@ -77,9 +106,7 @@ def build_transform(is_train: bool, args: argparse.Namespace) -> Callable:
             re_mode=args.remode,
             re_count=args.recount,
         )
-        if not resize_im:  # CIFAR-sized inputs: pad-and-crop instead of RandomResizedCrop
-            transform.transforms[0] = transforms.RandomCrop(args.input_size, padding=4)
-        return transform
+        return _use_released_posterize(transform)
     return build_eval_transform(eval_pretrained_cfg(args))
 
 

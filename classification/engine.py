@@ -4,7 +4,7 @@ import math
 import statistics
 import time
 from contextlib import nullcontext
-from typing import Dict, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -23,6 +23,33 @@ def autocast(device: torch.device, dtype: Optional[torch.dtype]):
     return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
+class _Batches:
+    """The batches of one epoch from ``start_step`` on, re-seeding the RNGs before each one is drawn.
+
+    Per-step seeds make every step's randomness (augmentation in the main process, mixup, dropout) a function of
+    (epoch, step) alone, so a run stopped after step k and resumed there continues exactly as one that never
+    stopped: the first k batches are drawn and dropped (data loading only, no compute) so that the loader's worker
+    processes reach the same state.
+    """
+
+    def __init__(self, data_loader: Iterable, start_step: int = 0, seed_step: Optional[Callable[[int], None]] = None):
+        self.data_loader = data_loader
+        self.start_step = start_step
+        self.seed_step = seed_step
+
+    def __len__(self) -> int:
+        return len(self.data_loader) - self.start_step
+
+    def __iter__(self) -> Iterator[Tuple[int, Any]]:
+        it = iter(self.data_loader)
+        for step in range(len(self.data_loader)):
+            if self.seed_step is not None:
+                self.seed_step(step)
+            batch = next(it)
+            if step >= self.start_step:
+                yield step, batch
+
+
 def train_one_epoch(
         model: nn.Module,
         criterion: nn.Module,
@@ -36,37 +63,59 @@ def train_one_epoch(
         model_ema: Optional[ModelEmaV3] = None,
         mixup_fn: Optional[Mixup] = None,
         print_freq: int = 10,
+        grad_accum_steps: int = 1,
+        start_step: int = 0,
+        seed_step: Optional[Callable[[int], None]] = None,
+        stop: Optional[utils.StopOnSignal] = None,
 ) -> Dict[str, float]:
+    """One epoch (or its rest, from micro-batch ``start_step``); returns the averaged meters.
+
+    The optimizer steps every ``grad_accum_steps`` micro-batches; the loss of each is divided by the number of
+    micro-batches in its group, so the accumulated gradient is the mean over the group, as one big batch would
+    give. The last group of an epoch that does not divide evenly is shorter and steps too: no gradient is carried
+    over. DDP all-reduces only on the stepping micro-batch (``no_sync`` on the others); loss scaling and clipping
+    act on the accumulated gradient. When ``stop`` is requested (checked after each optimizer step, agreed over
+    processes), the loop ends and ``stop.step`` holds the number of micro-batches of this epoch done.
+    """
     model.train()
     metric_logger = utils.MetricLogger()
     metric_logger.add_meter('lr', utils.SmoothedValue(window_size=1, fmt='{value:.6f}'))
     metric_logger.add_meter('img/s', utils.SmoothedValue(window_size=10, fmt='{avg:.1f}'))
     world_size = utils.get_world_size()
     header = f'Epoch: [{epoch}]'
+    num_steps = len(data_loader)
+    optimizer.zero_grad(set_to_none=True)
     tic = time.time()
-    for step, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
+    batches = _Batches(data_loader, start_step, seed_step)
+    for step, (samples, targets) in metric_logger.log_every(batches, print_freq, header):
+        group_start = step - step % grad_accum_steps
+        group_size = min(grad_accum_steps, num_steps - group_start)
+        last_of_group = step == group_start + group_size - 1
         samples = samples.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
 
-        with autocast(device, amp_dtype):
-            outputs = model(samples)
-            loss = criterion(outputs, targets)
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f'loss is {loss_value} at epoch {epoch}, step {step}: stopping training '
-                                     f'(try a lower --lr, --clip-grad, or --no-amp)')
+        no_sync = getattr(model, 'no_sync', None)
+        with no_sync() if no_sync is not None and not last_of_group else nullcontext():
+            with autocast(device, amp_dtype):
+                outputs = model(samples)
+                loss = criterion(outputs, targets)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f'loss is {loss_value} at epoch {epoch}, step {step}: stopping training '
+                                         f'(try a lower --lr, --clip-grad, or --no-amp)')
+            scaler.scale(loss / group_size).backward()
 
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if clip_grad is not None and clip_grad > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
-        if model_ema is not None:
-            model_ema.update(model)
+        if last_of_group:
+            if clip_grad is not None and clip_grad > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if model_ema is not None:
+                model_ema.update(model)
 
         if device.type == 'cuda':
             torch.cuda.synchronize(device)
@@ -74,6 +123,9 @@ def train_one_epoch(
         metric_logger.update(loss=loss_value, lr=optimizer.param_groups[0]['lr'])
         metric_logger.update(**{'img/s': samples.shape[0] * world_size / max(toc - tic, 1e-9)})
         tic = toc
+        if last_of_group and stop is not None and step + 1 < num_steps and stop.requested(device):
+            stop.step = step + 1
+            break
     metric_logger.synchronize_between_processes(device)
     _logger.info(f'Averaged stats: {metric_logger}')
     return {k: meter.global_avg for k, meter in metric_logger.meters.items() if k != 'img/s'}

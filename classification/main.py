@@ -9,15 +9,17 @@ See README.md for the full commands and the flags that differ from DeiT.
 """
 import argparse
 import datetime
+import difflib
+import importlib.util
+import inspect
 import json
 import logging
 import os
-import random
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
-import numpy as np
 import timm
 import torch
 import torch.backends.cudnn as cudnn
@@ -35,19 +37,23 @@ from scalablevit.info import count_params, describe
 
 # isort: split
 import utils
-from datasets import DATA_SETS, build_dataset
+from datasets import DATA_SETS, build_dataset, checkpoint_meta
 from engine import evaluate, throughput, train_one_epoch
 from samplers import RASampler, ShardedEvalSampler
 
 _logger = logging.getLogger('main')
+_started: Optional[str] = None  # 'train' / 'eval' once the loop runs: errors from then on may be one process's own
 
 AMP_DTYPES = {'float16': torch.float16, 'bfloat16': torch.bfloat16}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser('ScalableViT training and evaluation', add_help=False)
-    parser.add_argument('--batch-size', default=128, type=int, help='images per process per step')
+    parser.add_argument('--batch-size', default=64, type=int,
+                        help='images per process per forward pass (the micro-batch with --grad-accum-steps)')
     parser.add_argument('--epochs', default=300, type=int)
+    parser.add_argument('--grad-accum-steps', default=1, type=int, metavar='N',
+                        help='step the optimizer every N batches: effective batch = batch size x processes x N')
 
     group = parser.add_argument_group('Model')
     group.add_argument('--model', default='scalable_vit_small', type=str, metavar='MODEL',
@@ -93,8 +99,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help='timm AutoAugment policy; "none" turns it off')
     group.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
     group.add_argument('--train-interpolation', type=str, default='bicubic')
-    group.add_argument('--repeated-aug', action='store_true', default=True,
-                       help='repeated augmentation sampler when distributed (default on, as released)')
+    group.add_argument('--repeated-aug', action='store_true', default=False,
+                       help="DeiT's repeated augmentation sampler when distributed (off, as released)")
     group.add_argument('--no-repeated-aug', action='store_false', dest='repeated_aug')
     group.add_argument('--reprob', type=float, default=0.25, metavar='PCT', help='random erasing probability')
     group.add_argument('--remode', type=str, default='pixel')
@@ -115,8 +121,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--output_dir', default=None,
                        help='where checkpoints and log.txt go (default: ./<model>; "" writes nothing)')
     group.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    group.add_argument('--seed', default=0, type=int)
-    group.add_argument('--resume', default='', help='checkpoint (file or URL) to resume from or to --eval')
+    group.add_argument('--seed', default=42, type=int)
+    group.add_argument('--resume', default='',
+                       help='checkpoint (file or URL) to resume from or to --eval; "auto": the newest checkpoint in '
+                            '--output_dir if there is one, else a fresh start')
+    group.add_argument('--checkpoint-hist', default=0, type=int, metavar='K',
+                       help='also keep the last K epochs as checkpoint-<epoch>.pth')
+    group.add_argument('--tensorboard', action='store_true',
+                       help='write loss, lr and accuracy per epoch as TensorBoard scalars into --output_dir')
     group.add_argument('--finetune', default='', help='checkpoint to start from; a head of another size is dropped')
     group.add_argument('--start_epoch', default=0, type=int, metavar='N')
     group.add_argument('--eval', action='store_true', help='only evaluate (--resume gives the weights)')
@@ -124,7 +136,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--dist-eval', action='store_true', default=False,
                        help='shard evaluation over the processes (default: every process evaluates all)')
     group.add_argument('--num_workers', default=10, type=int)
-    group.add_argument('--pin-mem', action='store_true', default=True, help='pin host memory (CUDA only)')
+    group.add_argument('--pin-mem', action='store_true', default=False,
+                       help='pin host memory for faster transfers to the GPU (off, as released)')
     group.add_argument('--no-pin-mem', action='store_false', dest='pin_mem')
     group.add_argument('--amp', action='store_true', default=None,
                        help='mixed precision (default: on for CUDA, off on CPU)')
@@ -139,10 +152,91 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def seed_all(seed: int):
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    random.seed(seed)
+def check_args(args: argparse.Namespace):
+    """Input problems that can be found from the command line alone, before any data is scanned or model built.
+
+    Raises :class:`utils.UsageError` with one line naming the problem and the fix.
+    """
+    if args.input_size is None:
+        args.input_size = 32 if args.data_set == 'DIGITS' else 224
+    if args.output_dir is None:
+        args.output_dir = f'./{args.model}'
+    for flag, value, low in (('--batch-size', args.batch_size, 1), ('--epochs', args.epochs, 0),
+                             ('--grad-accum-steps', args.grad_accum_steps, 1), ('--input-size', args.input_size, 1),
+                             ('--num_workers', args.num_workers, 0), ('--checkpoint-hist', args.checkpoint_hist, 0)):
+        if value < low:
+            raise utils.UsageError(f'{flag} must be at least {low}, got {value}')
+    if not timm.is_model(args.model):
+        close = difflib.get_close_matches(args.model, timm.list_models(), n=3)
+        hint = f'did you mean {", ".join(close)}?' if close else 'see timm.list_models()'
+        raise utils.UsageError(f'--model {args.model}: no such timm model; {hint}')
+    check_model_kwargs(args.model, args.model_kwargs)
+    training = not (args.eval or args.throughput)
+    mixup_active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
+    if training and mixup_active and args.batch_size % 2:
+        raise utils.UsageError(f'mixup/cutmix pair the images of a batch: --batch-size must be even, got '
+                               f'{args.batch_size} (or turn them off with --mixup 0 --cutmix 0)')
+    for flag, path in (('--resume', args.resume), ('--finetune', args.finetune)):
+        if path and path != 'auto' and not path.startswith(('https://', 'http://')) and not os.path.isfile(path):
+            raise utils.UsageError(f'{flag} {path}: checkpoint not found')
+    if args.finetune == 'auto':
+        raise utils.UsageError('--finetune auto: give a checkpoint file (only --resume takes "auto")')
+    if args.resume == 'auto' and not args.output_dir:
+        raise utils.UsageError('--resume auto looks for checkpoints in --output_dir; give one')
+    if args.resume == 'auto' and not training:
+        raise utils.UsageError('--resume auto is for training; give --eval a checkpoint file')
+    if args.output_dir and training:
+        check_output_dir(args.output_dir)
+    if args.tensorboard and importlib.util.find_spec('tensorboard') is None:
+        raise utils.UsageError('--tensorboard needs the tensorboard package: pip install tensorboard')
+    if args.data_set == 'IMNET' and not args.throughput:
+        if args.data_path is None:
+            raise utils.UsageError('--data-path is required for --data-set IMNET (a folder with train/ and val/)')
+        if not os.path.isdir(args.data_path):
+            raise utils.UsageError(f'--data-path {args.data_path} is not a folder; expected {args.data_path}/train/'
+                                   f'<class>/<image> and {args.data_path}/val/<class>/<image> (the ImageFolder layout)')
+
+
+def check_model_kwargs(model_name: str, kwargs: dict):
+    """``--model-kwargs`` names that a ScalableViT does not take (other timm models are checked when built)."""
+    if not kwargs or not model_name.startswith('scalable_vit'):
+        return
+    params = inspect.signature(scalablevit.ScalableViT).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return
+    names = [n for n in params if n not in ('num_classes', 'drop_rate', 'drop_path_rate')]
+    known = set(names) | {'features_only', 'out_indices', 'feature_cfg', 'pretrained_cfg', 'pretrained_cfg_overlay'}
+    unknown = [k for k in kwargs if k not in known]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], names, n=1)
+        hint = f' (did you mean {close[0]}?)' if close else ''
+        raise utils.UsageError(f'--model-kwargs: {model_name} takes no argument {", ".join(unknown)}{hint}; '
+                               f'it takes {", ".join(names)}')
+
+
+def check_output_dir(output_dir: str):
+    """``output_dir`` can be created (it is created only when the first file is written)."""
+    path = Path(output_dir).absolute()
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise utils.UsageError(f'--output_dir {output_dir}: {folder} is a file, not a folder; '
+                                       f'choose another --output_dir')
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise utils.UsageError(f'--output_dir {output_dir}: no permission to write in {folder}; '
+                                       f'choose another --output_dir')
+            return
+
+
+def create_model(args: argparse.Namespace) -> torch.nn.Module:
+    try:
+        return timm.create_model(args.model, pretrained=False, num_classes=args.nb_classes, drop_rate=args.drop,
+                                 drop_path_rate=args.drop_path, **args.model_kwargs)
+    except TypeError as e:
+        if 'unexpected keyword argument' not in str(e):
+            raise
+        raise utils.UsageError(f'--model-kwargs: {args.model} does not take one of {", ".join(args.model_kwargs)} '
+                               f'({e})') from e
 
 
 def resolve_amp(args: argparse.Namespace, device: torch.device):
@@ -175,7 +269,7 @@ def build_loaders(args: argparse.Namespace):
     if len(loader_train) == 0 and not (args.eval or args.throughput):
         raise utils.UsageError(f'{len(sampler_train)} training images per process is less than one batch of '
                                f'{args.batch_size}; lower --batch-size')
-    loader_val = DataLoader(dataset_val, sampler=sampler_val, batch_size=int(1.5 * args.batch_size),
+    loader_val = DataLoader(dataset_val, sampler=sampler_val, batch_size=args.batch_size,
                             num_workers=args.num_workers, pin_memory=pin, drop_last=False)
     _logger.info(f'data: {args.data_set}, {len(dataset_train)} train / {len(dataset_val)} val images, '
                  f'{args.nb_classes} classes')
@@ -201,19 +295,30 @@ def load_finetune(model: torch.nn.Module, path: str):
     _logger.info(f'finetune: loaded {len(state_dict)} tensors from {path}')
 
 
+def step_seeder(args: argparse.Namespace, epoch: int):
+    """Re-seeds the RNGs before each batch from (seed, rank, epoch, step), for exact resume within an epoch."""
+    rank = utils.get_rank()
+
+    def seed_step(step: int):
+        utils.seed_all(args.seed + rank + 10007 * (epoch + 1) + 1000003 * (step + 1))
+    return seed_step
+
+
 def main(args: argparse.Namespace):
+    check_args(args)
     utils.init_distributed_mode(args)
     if not utils.is_main_process():
         logging.getLogger().setLevel(logging.WARNING)
     _logger.info(' '.join(sys.argv))
-    if args.input_size is None:
-        args.input_size = 32 if args.data_set == 'DIGITS' else 224
-    if args.output_dir is None:
-        args.output_dir = f'./{args.model}'
     device = torch.device(args.device)
     amp_dtype = resolve_amp(args, device)
-    seed_all(args.seed + utils.get_rank())
+    utils.seed_all(args.seed + utils.get_rank())
     cudnn.benchmark = True
+    output_dir = Path(args.output_dir) if args.output_dir else None
+    resume = args.resume
+    if resume == 'auto':
+        resume = utils.find_resume_checkpoint(output_dir)
+        _logger.info(f'--resume auto: {f"resuming from {resume}" if resume else f"no checkpoint in {output_dir}; starting fresh"}')
 
     if args.throughput:
         args.nb_classes = 1000
@@ -229,8 +334,7 @@ def main(args: argparse.Namespace):
                          label_smoothing=args.smoothing, num_classes=args.nb_classes)
 
     _logger.info(f'creating model {args.model}')
-    model = timm.create_model(args.model, pretrained=False, num_classes=args.nb_classes, drop_rate=args.drop,
-                              drop_path_rate=args.drop_path, **args.model_kwargs)
+    model = create_model(args)
     if args.finetune:
         load_finetune(model, args.finetune)
     if args.grad_checkpointing:
@@ -259,9 +363,12 @@ def main(args: argparse.Namespace):
         model_without_ddp = model.module
     n_parameters = count_params(model, trainable_only=True)
 
+    world = utils.get_world_size()
+    effective_batch = args.batch_size * world * args.grad_accum_steps
     if not args.unscale_lr:
-        args.lr = args.lr * args.batch_size * utils.get_world_size() / 512.0
-    _logger.info(f'lr {args.lr:.3g} for a total batch of {args.batch_size * utils.get_world_size()}')
+        args.lr = args.lr * effective_batch / 512.0
+    _logger.info(f'lr {args.lr:.3g} for an effective batch of {effective_batch} ({args.batch_size} per process x '
+                 f'{world} processes x {args.grad_accum_steps} accumulation steps)')
     opt_kwargs = dict(eps=args.opt_eps) if args.opt_eps is not None else {}
     if args.opt_betas is not None:
         opt_kwargs['betas'] = tuple(args.opt_betas)
@@ -281,25 +388,30 @@ def main(args: argparse.Namespace):
         criterion = torch.nn.CrossEntropyLoss()
 
     max_accuracy = -1.0  # the first evaluation is always a new best
-    if args.resume:
-        checkpoint = utils.load_checkpoint(args.resume)
-        utils.load_model_weights(model_without_ddp, scalablevit.unwrap_state_dict(checkpoint), args.resume)
+    start_step = 0
+    if resume:
+        checkpoint = utils.load_checkpoint(resume)
+        utils.load_model_weights(model_without_ddp, scalablevit.unwrap_state_dict(checkpoint), resume)
         if not args.eval and all(k in checkpoint for k in ('optimizer', 'lr_scheduler', 'epoch')):
             optimizer.load_state_dict(checkpoint['optimizer'])
             lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
             args.start_epoch = checkpoint['epoch'] + 1
+            start_step = int(checkpoint.get('resume_step', 0))
             if 'scaler' in checkpoint:
                 scaler.load_state_dict(checkpoint['scaler'])
             max_accuracy = checkpoint.get('max_accuracy', -1.0)
-            _logger.info(f'resumed {args.resume} at epoch {args.start_epoch}')
+            where = f', step {start_step}' if start_step else ''
+            _logger.info(f'resumed {resume} at epoch {args.start_epoch}{where}')
         if model_ema is not None:
             if 'model_ema' in checkpoint:
                 utils.load_model_weights(model_ema.module, scalablevit.unwrap_state_dict(checkpoint['model_ema']),
-                                         f'{args.resume} (model_ema)')
+                                         f'{resume} (model_ema)')
             else:
-                _logger.warning(f'{args.resume} has no model_ema; the EMA starts from the loaded weights')
+                _logger.warning(f'{resume} has no model_ema; the EMA starts from the loaded weights')
                 model_ema.module.load_state_dict(model_without_ddp.state_dict())
 
+    global _started
+    _started = 'eval' if args.eval else 'train'
     dist_eval = args.distributed and args.dist_eval
     if args.eval:
         test_stats = evaluate(loader_val, model, device, amp_dtype, dist_eval, args.print_freq)
@@ -309,55 +421,103 @@ def main(args: argparse.Namespace):
             _logger.info(f'Accuracy of the EMA on the {ema_stats["count"]} test images: {ema_stats["acc1"]:.2f}%')
         return test_stats
 
-    output_dir = Path(args.output_dir) if args.output_dir else None
-    if output_dir is not None and utils.is_main_process():
-        output_dir.mkdir(parents=True, exist_ok=True)
-    lr_scheduler.step(args.start_epoch)
+    def make_checkpoint(epoch: int, **extra) -> dict:
+        checkpoint = {
+            'model': model_without_ddp.state_dict(),
+            'optimizer': optimizer.state_dict(),
+            'lr_scheduler': utils.plain(lr_scheduler.state_dict()),
+            'scaler': scaler.state_dict(),
+            'epoch': epoch,
+            'max_accuracy': max_accuracy,
+            'args': utils.plain(vars(args)),
+            'meta': checkpoint_meta(args, loader_val.dataset),  # what predict.py needs
+            **extra,
+        }
+        if model_ema is not None:
+            checkpoint['model_ema'] = model_ema.module.state_dict()
+        return checkpoint
+
+    # As released (DeiT's loop): epoch e trains at the schedule's value for e - 1 (the scheduler steps to `epoch`
+    # after each epoch, never before the first), so epochs 0 and 1 both run at the warm-up start.
+    lr_scheduler.step(max(args.start_epoch - 1, 0))
+    writer = None
+    test_stats = None
     _logger.info(f'training for {args.epochs - args.start_epoch} epochs')
     start_time = time.time()
-    for epoch in range(args.start_epoch, args.epochs):
-        # Seed per epoch, so that a resumed run draws the same augmentations and dropout as an uninterrupted one.
-        seed_all(args.seed + utils.get_rank() + 10007 * (epoch + 1))
-        if args.distributed:
-            loader_train.sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, scaler, amp_dtype,
-                                      args.clip_grad, model_ema, mixup_fn, args.print_freq)
-        lr_scheduler.step(epoch + 1)
-        test_stats = evaluate(loader_val, model, device, amp_dtype, dist_eval, args.print_freq)
-        _logger.info(f'Accuracy of the network on the {test_stats["count"]} test images: {test_stats["acc1"]:.2f}%')
-        is_best = test_stats['acc1'] > max_accuracy
-        max_accuracy = max(max_accuracy, test_stats['acc1'])
-        _logger.info(f'Max accuracy: {max_accuracy:.2f}%')
-        log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
-                     **{f'test_{k}': v for k, v in test_stats.items()},
-                     'epoch': epoch, 'n_parameters': n_parameters}
-        if model_ema is not None:
-            ema_stats = evaluate(loader_val, model_ema.module, device, amp_dtype, dist_eval, args.print_freq)
-            _logger.info(f'Accuracy of the EMA on the {ema_stats["count"]} test images: {ema_stats["acc1"]:.2f}%')
-            log_stats.update({f'test_ema_{k}': v for k, v in ema_stats.items()})
-
-        if output_dir is not None:
-            checkpoint = {
-                'model': model_without_ddp.state_dict(),
-                'optimizer': optimizer.state_dict(),
-                'lr_scheduler': utils.plain(lr_scheduler.state_dict()),
-                'scaler': scaler.state_dict(),
-                'epoch': epoch,
-                'max_accuracy': max_accuracy,
-                'args': utils.plain(vars(args)),
-            }
+    with utils.StopOnSignal() as stop:
+        for epoch in range(args.start_epoch, args.epochs):
+            # Seed per epoch (sampler order, loader workers) and per step (augmentation, mixup, dropout), so that a
+            # resumed run, even one resumed mid-epoch, draws the same numbers as an uninterrupted one.
+            utils.seed_all(args.seed + utils.get_rank() + 10007 * (epoch + 1))
+            if args.distributed:
+                loader_train.sampler.set_epoch(epoch)
+            train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, scaler,
+                                          amp_dtype, args.clip_grad, model_ema, mixup_fn, args.print_freq,
+                                          args.grad_accum_steps, start_step, step_seeder(args, epoch), stop)
+            start_step = 0
+            if stop.step is not None:  # stopped by a signal after an optimizer step: save the exact place
+                path = output_dir / 'checkpoint.pth' if output_dir is not None else None
+                if path is not None:
+                    utils.save_checkpoint(make_checkpoint(epoch - 1, resume_step=stop.step), str(path))
+                _logger.warning(f'stopped by {stop.received} at epoch {epoch}, step {stop.step} of '
+                                f'{len(loader_train)}' + (f'; saved {path}; rerun with --resume auto to continue '
+                                                           f'from there' if path else ' (no --output_dir: not saved)'))
+                return dict(max_accuracy=max_accuracy, last=test_stats, stopped=(epoch, stop.step))
+            lr_scheduler.step(epoch)
+            test_stats = evaluate(loader_val, model, device, amp_dtype, dist_eval, args.print_freq)
+            _logger.info(f'Accuracy of the network on the {test_stats["count"]} test images: '
+                         f'{test_stats["acc1"]:.2f}%')
+            is_best = test_stats['acc1'] > max_accuracy
+            max_accuracy = max(max_accuracy, test_stats['acc1'])
+            _logger.info(f'Max accuracy: {max_accuracy:.2f}%')
+            log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
+                         **{f'test_{k}': v for k, v in test_stats.items()},
+                         'epoch': epoch, 'n_parameters': n_parameters}
             if model_ema is not None:
-                checkpoint['model_ema'] = model_ema.module.state_dict()
-            utils.save_checkpoint(checkpoint, str(output_dir / 'checkpoint.pth'))
-            if is_best:
-                utils.save_checkpoint(checkpoint, str(output_dir / 'checkpoint_best.pth'))
-            if utils.is_main_process():
-                with (output_dir / 'log.txt').open('a') as f:
-                    f.write(json.dumps(log_stats) + '\n')
+                ema_stats = evaluate(loader_val, model_ema.module, device, amp_dtype, dist_eval, args.print_freq)
+                _logger.info(f'Accuracy of the EMA on the {ema_stats["count"]} test images: '
+                             f'{ema_stats["acc1"]:.2f}%')
+                log_stats.update({f'test_ema_{k}': v for k, v in ema_stats.items()})
+
+            if output_dir is not None and utils.is_main_process():
+                path = output_dir / 'checkpoint.pth'
+                utils.save_checkpoint(make_checkpoint(epoch), str(path))
+                if is_best:
+                    utils.copy_checkpoint(path, output_dir / 'checkpoint_best.pth')
+                if args.checkpoint_hist:
+                    utils.copy_checkpoint(path, output_dir / f'checkpoint-{epoch}.pth')
+                    utils.prune_checkpoints(output_dir, args.checkpoint_hist)
+                utils.write_text(output_dir / 'log.txt', json.dumps(log_stats) + '\n')
+                if args.tensorboard:
+                    writer = writer or tensorboard_writer(output_dir)
+                    for k, v in log_stats.items():
+                        if k.startswith(('train_', 'test_')) and k != 'test_count':
+                            writer.add_scalar(k.replace('_', '/', 1), v, epoch)
+                    writer.flush()
+            if epoch + 1 < args.epochs and stop.requested(device):
+                _logger.warning(f'stopped by {stop.received} after epoch {epoch}'
+                                + (f'; rerun with --resume auto to continue' if output_dir is not None else ''))
+                break
+    if writer is not None:
+        writer.close()
 
     total_time = datetime.timedelta(seconds=int(time.time() - start_time))
     _logger.info(f'training time {total_time}; max accuracy {max_accuracy:.2f}%')
-    return dict(max_accuracy=max_accuracy, last=test_stats if args.start_epoch < args.epochs else None)
+    return dict(max_accuracy=max_accuracy, last=test_stats)
+
+
+def tensorboard_writer(output_dir: Path):
+    from torch.utils.tensorboard import SummaryWriter
+    return SummaryWriter(log_dir=str(output_dir))
+
+
+def _is_comm_error(e: BaseException) -> bool:
+    """A collective that failed because another process is gone (it stopped on an error, or was killed)."""
+    if isinstance(e, getattr(torch.distributed, 'DistError', ())):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(s in text for s in (
+        'Connection closed by peer', 'Connection reset by peer', 'Broken pipe', 'gloo', 'NCCL', 'ProcessGroup'))
 
 
 def cli(argv=None) -> int:
@@ -369,8 +529,19 @@ def cli(argv=None) -> int:
     try:
         main(args)
     except (utils.UsageError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        # Problems with the command line, the data set or a checkpoint are the same on every process: rank 0 says
+        # it. Problems met while training or evaluating (an unreadable image, a full disk) are said by the process
+        # that met them.
+        if rank == 0 or _started is not None:
+            print(f'error: {utils.error_line(e)}', file=sys.stderr, flush=True)
         return 1
+    except (RuntimeError, OSError) as e:
+        if utils.get_world_size() > 1 and _is_comm_error(e):
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+            print(f'error: process {rank} lost contact with the other processes ({reason}); another process '
+                  f'stopped first, its error is above', file=sys.stderr, flush=True)
+            return 1
+        raise
     finally:
         if utils.is_dist_avail_and_initialized():
             torch.distributed.destroy_process_group()

@@ -2,21 +2,91 @@
 import argparse
 import ast
 import datetime
+import errno
 import logging
 import os
+import random
+import shutil
+import signal
 import subprocess
 import time
 from collections import defaultdict, deque
-from typing import Any, Dict, Iterable, Iterator, Optional
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, List, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
+
+import scalablevit.checkpoint as scalablevit_checkpoint
 
 _logger = logging.getLogger(__name__)
 
 
 class UsageError(RuntimeError):
     """A problem with the user's input (paths, data, checkpoints): reported without a traceback."""
+
+
+def error_line(error: BaseException) -> str:
+    """The one line to show for ``error``. An exception re-raised by a ``DataLoader`` worker carries the worker's
+    whole traceback in its message; the original message is its last line."""
+    text = str(error).strip()
+    if 'Original Traceback' in text:
+        last = text.splitlines()[-1]
+        text = last.split(': ', 1)[1] if ': ' in last else last
+    return text
+
+
+def seed_all(seed: int):
+    """Seed Python, NumPy and torch (all devices) from one integer."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    random.seed(seed)
+
+
+class StopOnSignal:
+    """Turns SIGTERM / SIGUSR1 (what SLURM sends before preemption or the time limit, and what torchrun forwards)
+    into a stop request that the training loop polls between optimizer steps.
+
+    :meth:`requested` agrees over all processes (one all-reduce), so every rank stops after the same step. A
+    DataLoader worker that inherits the handler gets the signal's default action instead.
+    """
+
+    SIGNALS = ('SIGTERM', 'SIGUSR1')
+
+    def __init__(self):
+        self.received: Optional[str] = None
+        self.step: Optional[int] = None  # micro-batches of the stopped epoch that were done
+        self._pid = os.getpid()
+        self._previous = {}
+
+    def __enter__(self) -> 'StopOnSignal':
+        for name in self.SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame):
+        if os.getpid() != self._pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.received = signal.Signals(signum).name
+
+    def requested(self, device: torch.device) -> bool:
+        if not is_dist_avail_and_initialized():
+            return self.received is not None
+        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0 and self.received is None:
+            self.received = 'a signal to another process'
+        return flag.item() > 0
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -205,64 +275,136 @@ class MetricLogger:
 # ---------------------------------------------------------------------------------------------------------------------
 # Checkpoints
 
+def _tensor_bytes(value: Any) -> int:
+    """Bytes of the tensors inside ``value`` (what a checkpoint of it needs on disk, give or take a few KB)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
 def save_checkpoint(state: Dict[str, Any], path: str):
-    """Write ``state`` atomically (temp file in the same folder, then rename), from the main process only."""
+    """Write ``state`` atomically (temp file in the same folder, then rename), from the main process only.
+
+    The folder is created here, at the first write, so a run that fails earlier leaves nothing behind. A failed
+    write (disk full, quota, permissions) raises :class:`UsageError` saying where, how much was needed and that
+    the previous file at ``path``, if any, is intact (the rename never happened).
+    """
     if not is_main_process():
         return
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
     tmp = f'{path}.tmp.{os.getpid()}'
     try:
         torch.save(state, tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch's writer reports ENOSPC as RuntimeError('... iostream error')
+        raise UsageError(_write_failure(path, folder, _tensor_bytes(state), e)) from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
+def _write_failure(path: str, folder: str, need: int, error: Exception) -> str:
+    previous = f'the previous {os.path.basename(path)} is intact' if os.path.isfile(path) else 'nothing was written'
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    if (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)) or (free is not None and free < need):
+        have = f', {free / 2 ** 20:.0f} MB free' if free is not None else ''
+        return (f'disk full: writing {path} needs about {need / 2 ** 20:.0f} MB{have} in {folder}; {previous}. '
+                f'Free some space (or point --output_dir elsewhere) and rerun with --resume auto')
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return f'cannot write {path}: {reason}; {previous}'
+
+
+def copy_checkpoint(src: Path, dst: Path):
+    """``dst`` becomes a copy of the checkpoint ``src`` (main process): a hard link where the file system has them
+    (no second write; ``save_checkpoint`` later replaces ``src`` by a new file, the link keeps the old one), else a
+    byte copy; atomic either way."""
+    if not is_main_process():
+        return
+    tmp = f'{dst}.tmp.{os.getpid()}'
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except OSError as e:
+        raise UsageError(_write_failure(str(dst), str(dst.parent), os.path.getsize(src), e)) from e
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text(path: Path, line: str):
+    """Append ``line`` to ``path`` (main process), creating the folder; a full disk is a :class:`UsageError`."""
+    if not is_main_process():
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open('a') as f:
+            f.write(line)
+    except OSError as e:
+        raise UsageError(_write_failure(str(path), str(path.parent), len(line), e)) from e
+
+
+def epoch_checkpoints(output_dir: Path) -> List[Path]:
+    """``checkpoint-<epoch>.pth`` files of ``output_dir`` (``--checkpoint-hist``), oldest epoch first."""
+    found = []
+    for p in output_dir.glob('checkpoint-*.pth'):
+        stem = p.stem.split('-', 1)[1]
+        if stem.isdigit():
+            found.append((int(stem), p))
+    return [p for _, p in sorted(found)]
+
+
+def prune_checkpoints(output_dir: Path, keep: int):
+    """Delete all but the newest ``keep`` epoch checkpoints (main process)."""
+    if not is_main_process():
+        return
+    for p in epoch_checkpoints(output_dir)[:-keep] if keep > 0 else epoch_checkpoints(output_dir):
+        p.unlink(missing_ok=True)
+
+
+def find_resume_checkpoint(output_dir: Optional[Path]) -> Optional[str]:
+    """``--resume auto``: the newest complete checkpoint in ``output_dir`` (``checkpoint.pth``, written last and
+    atomically, else the newest ``checkpoint-<epoch>.pth``), or None for a fresh start."""
+    if output_dir is None or not output_dir.is_dir():
+        return None
+    if (output_dir / 'checkpoint.pth').is_file():
+        return str(output_dir / 'checkpoint.pth')
+    hist = epoch_checkpoints(output_dir)
+    return str(hist[-1]) if hist else None
+
+
 def load_checkpoint(path: str) -> Dict[str, Any]:
-    """Load a checkpoint (file or https URL) with ``weights_only=True``.
+    """Load a checkpoint (file or https URL) with ``weights_only=True``; a bad file is a one-line error.
 
     DeiT-style files store ``args`` as an ``argparse.Namespace``; that one class is allowed for this load only.
     """
     if path.startswith(('https://', 'http://')):
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.hub.load_state_dict_from_url(path, map_location='cpu', check_hash=True, weights_only=True)
-    if not os.path.isfile(path):
-        raise UsageError(f'checkpoint not found: {path}')
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # noqa: BLE001  (unpickling raises many types; report them uniformly)
-        raise UsageError(f'cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}') from e
-    if not isinstance(checkpoint, dict):
-        raise UsageError(f'checkpoint {path} holds a {type(checkpoint).__name__}, expected a dict of weights')
-    return checkpoint
-
-
-def _key_list(keys: Iterable[str], limit: int = 10) -> str:
-    keys = sorted(keys)
-    shown = ', '.join(keys[:limit])
-    return f'{shown}, ... ({len(keys)} in all)' if len(keys) > limit else shown
+        return scalablevit_checkpoint.load_checkpoint(path)
+    except scalablevit_checkpoint.CheckpointError as e:
+        raise UsageError(str(e)) from e
 
 
 def load_model_weights(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], source: str,
                        allow_missing: Iterable[str] = ()):
-    """Strict load that names what does not fit: missing, unexpected and wrongly shaped keys."""
-    own = model.state_dict()
-    allow_missing = set(allow_missing)
-    missing = set(own) - set(state_dict) - allow_missing
-    unexpected = set(state_dict) - set(own)
-    shape = {k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape}
-    if missing or unexpected or shape:
-        parts = [f'checkpoint {source} does not fit the model ({type(model).__name__}):']
-        if missing:
-            parts.append(f'missing keys: {_key_list(missing)}')
-        if unexpected:
-            parts.append(f'unexpected keys: {_key_list(unexpected)}')
-        if shape:
-            parts.append('shape mismatch: ' + _key_list(
-                f'{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}' for k in shape))
-        raise UsageError('\n  '.join(parts))
-    model.load_state_dict(state_dict, strict=not allow_missing)
+    """Strict load that names what does not fit (missing, unexpected and wrongly shaped keys) in the project's one
+    message (``scalablevit.checkpoint``); nothing is loaded when anything does not fit."""
+    try:
+        scalablevit_checkpoint.load_state_dict_strict(model, state_dict, source, allow_missing=allow_missing)
+    except scalablevit_checkpoint.CheckpointError as e:
+        raise UsageError(str(e)) from e
 
 
 def plain(value: Any) -> Any:
