@@ -30,27 +30,96 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_, use_fused_attn
+from timm.layers import (
+    DropPath,
+    Mlp,
+    calculate_drop_path_rates,
+    get_device_dtype,
+    register_notrace_function,
+    to_2tuple,
+    trunc_normal_,
+    use_fused_attn,
+)
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ['ScalableViT', 'ScalableSelfAttention', 'InteractiveWindowAttention', 'Block', 'PatchEmbed', 'PosConv']
+__all__ = ['ScalableViT', 'ScalableSelfAttention', 'InteractiveWindowAttention', 'Block', 'PatchEmbed', 'PosConv',
+           'TokensToMap']
 
 _LayerNorm = partial(nn.LayerNorm, eps=1e-6)
+
+
+# -------------------------------------------------------------------------------------------------------------------
+# Size-dependent steps. Any input size makes the padding data-dependent; these few functions hold the only Python
+# branches on tensor sizes, and are registered as leaves for torch.fx (timm's FX feature extractor traces around
+# them). They are plain typed functions, so TorchScript compiles them too.
+# -------------------------------------------------------------------------------------------------------------------
+
+
+@register_notrace_function  # reason: branches on the map size
+def pad_to_multiple(x: torch.Tensor, multiple: int, channels_last: bool = False) -> torch.Tensor:
+    """Zero-pad the bottom and right of a map (B, C, H, W), or (B, H, W, C) if ``channels_last``, so that H and W
+    become multiples of ``multiple``; the map itself when they already are."""
+    H, W = (x.shape[1], x.shape[2]) if channels_last else (x.shape[2], x.shape[3])
+    pad_b, pad_r = (multiple - H % multiple) % multiple, (multiple - W % multiple) % multiple
+    if pad_b == 0 and pad_r == 0:
+        return x
+    pad = [0, 0, 0, pad_r, 0, pad_b] if channels_last else [0, pad_r, 0, pad_b]
+    return F.pad(x, pad)
+
+
+@register_notrace_function  # reason: None unless the map was padded
+def window_key_mask(H: int, W: int, ws: int, batch: int, device: torch.device) -> Optional[torch.Tensor]:
+    """Attention mask of an (H, W) map padded to whole ``ws x ws`` windows: (batch * nW, 1, 1, ws * ws) bool, True
+    where the key is a real token; ``None`` when no window is padded."""
+    Hp, Wp = (H + ws - 1) // ws * ws, (W + ws - 1) // ws * ws
+    if Hp == H and Wp == W:
+        return None
+    real = torch.zeros(Hp, Wp, dtype=torch.bool, device=device)
+    real[:H, :W] = True
+    real = real.reshape(Hp // ws, ws, Wp // ws, ws).transpose(1, 2)  # (hg, wg, ws, ws)
+    return real.reshape(-1, 1, 1, ws * ws).repeat(batch, 1, 1, 1)  # (batch * nW, 1, 1, L)
+
+
+@register_notrace_function  # reason: masking is skipped without a mask
+def mask_scores(attn: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Attention scores with the masked-out keys (``mask`` False) at -inf."""
+    if mask is None:
+        return attn
+    return attn.masked_fill(~mask, float('-inf'))
+
+
+@register_notrace_function  # reason: the unpadded case reverses the windows inside the add, without a copy
+def add_window_output(lim: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """IWSA's output: the LIM map ``lim`` (B, H, W, C) plus the attention output ``x`` (B, hg, ws, wg, ws, C) of
+    the windows that cover it (padded ones cropped), as tokens (B, H * W, C)."""
+    B, H, W, C = lim.shape
+    hg, ws, wg = x.shape[1], x.shape[2], x.shape[3]
+    if hg * ws == H and wg * ws == W:
+        x = lim.reshape(B, hg, ws, wg, ws, C) + x  # (B, hg, ws, wg, ws, C): the window reverse happens in this add
+    else:
+        x = lim + x.reshape(B, hg * ws, wg * ws, C)[:, :H, :W]  # (B, H, W, C)
+    return x.reshape(B, H * W, C)  # (B, N, C)
+
+
+# -------------------------------------------------------------------------------------------------------------------
+# Layers
+# -------------------------------------------------------------------------------------------------------------------
 
 
 class PatchEmbed(nn.Module):
     """Strided conv + LayerNorm; returns tokens and the spatial size the conv produced."""
 
-    def __init__(self, in_chans: int, embed_dim: int, kernel_size: int, stride: int):
+    def __init__(self, in_chans: int, embed_dim: int, kernel_size: int, stride: int, device=None, dtype=None):
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size, stride=stride, padding=kernel_size // 2)
-        self.norm = _LayerNorm(embed_dim)
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size, stride=stride, padding=kernel_size // 2, **dd)
+        self.norm = _LayerNorm(embed_dim, **dd)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
         x = self.proj(x)
-        H, W = x.shape[-2:]
+        H, W = x.shape[2], x.shape[3]
         x = x.flatten(2).transpose(1, 2)  # (B, N, C)
         return self.norm(x), (H, W)
 
@@ -58,9 +127,10 @@ class PatchEmbed(nn.Module):
 class PosConv(nn.Module):
     """Positional encoding: residual depthwise 3x3 conv on the token map (Twins' PEG)."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, device=None, dtype=None):
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        self.proj = nn.Sequential(nn.Conv2d(dim, dim, 3, 1, 1, bias=True, groups=dim))
+        self.proj = nn.Sequential(nn.Conv2d(dim, dim, 3, 1, 1, bias=True, groups=dim, **dd))
 
     def forward(self, x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
         B, N, C = x.shape
@@ -69,20 +139,34 @@ class PosConv(nn.Module):
         return x.flatten(2).transpose(1, 2)  # (B, N, C)
 
 
+class TokensToMap(nn.Module):
+    """A stage's tokens (B, N, C) as its feature map (B, C, H, W): a view, no copy, no parameters.
+
+    A module (``stage_ends.i``) so that the stage outputs are named nodes for torch.fx and forward hooks
+    (timm's ``features_only=True`` with ``feature_cls='fx'`` or ``'hook'``).
+    """
+
+    def forward(self, x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+        B, N, C = x.shape
+        return x.transpose(1, 2).reshape(B, C, size[0], size[1])  # (B, C, H, W)
+
+
 class _Attention(nn.Module):
     """What SSA and IWSA share: the attention product, fused or plain."""
     fused_attn: torch.jit.Final[bool]
 
-    def __init__(self, dim: int, num_heads: int, attn_drop: float, proj_drop: float):
+    def __init__(self, dim: int, num_heads: int, attn_drop: float, proj_drop: float, device=None, dtype=None):
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
         assert dim % num_heads == 0, f'dim {dim} should be divided by num_heads {num_heads}.'
         self.dim = dim
         self.num_heads = num_heads
-        self.head_dim = dim // num_heads
+        self.head_dim = dim // num_heads  # of the values and the output
+        self.qk_head_dim = self.head_dim  # of the queries and keys; SSA's channel ratio changes it
         self.scale = self.head_dim ** -0.5
         self.fused_attn = use_fused_attn()
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def attend(
@@ -98,20 +182,19 @@ class _Attention(nn.Module):
         reference (the released computation) and the export path.
         """
         if self.fused_attn:
-            dq, dv = q.shape[-1], v.shape[-1]
+            dq, dv = self.qk_head_dim, self.head_dim
             # The CPU flash kernel (and CUDA flash) wants one head width for q, k and v; SSA's values are narrower
             # or wider than its queries. Zero columns keep the fused kernel and the function: padded value columns
             # give zero output columns (cut off), padded query/key columns add zero to every score.
             if dv < dq:
-                v = F.pad(v, (0, dq - dv))
+                v = F.pad(v, [0, dq - dv])
             elif dv > dq:
-                q, k = F.pad(q, (0, dv - dq)), F.pad(k, (0, dv - dq))
+                q, k = F.pad(q, [0, dv - dq]), F.pad(k, [0, dv - dq])
             x = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=self.attn_drop.p if self.training else 0., scale=self.scale)
             return x[..., :dv] if dv < dq else x
         attn = (q * self.scale) @ k.transpose(-2, -1)  # (..., Nq, Nk)
-        if mask is not None:
-            attn = attn.masked_fill(~mask, float('-inf'))
+        attn = mask_scores(attn, mask)
         attn = attn.softmax(dim=-1)
         attn = self.attn_drop(attn)
         return attn @ v  # (..., Nq, dv)
@@ -134,46 +217,46 @@ class ScalableSelfAttention(_Attention):
             proj_drop: float = 0.,
             sr_ratio: int = 1,
             c_ratio: float = 1.,
+            device=None,
+            dtype=None,
     ):
-        super().__init__(dim, num_heads, attn_drop, proj_drop)
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__(dim, num_heads, attn_drop, proj_drop, **dd)
         self.sr_ratio = sr_ratio
         self.c_dim = int(dim * c_ratio) if sr_ratio > 1 else dim
         assert self.c_dim % num_heads == 0, f'int(dim * c_ratio) = {self.c_dim} should be divided by num_heads.'
+        self.qk_head_dim = self.c_dim // num_heads
         self.scale = (self.head_dim * c_ratio) ** -0.5
 
-        self.q = nn.Linear(dim, self.c_dim, bias=qkv_bias)
+        self.q = nn.Linear(dim, self.c_dim, bias=qkv_bias, **dd)
         if sr_ratio > 1:
             self.reduction = nn.Sequential(
-                nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio, groups=dim),
-                nn.Conv2d(dim, self.c_dim, kernel_size=1),
+                nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio, groups=dim, **dd),
+                nn.Conv2d(dim, self.c_dim, kernel_size=1, **dd),
             )
-            self.norm_act = nn.Sequential(nn.LayerNorm(self.c_dim), nn.GELU())  # eps 1e-5, as released
-            self.k = nn.Linear(self.c_dim, self.c_dim, bias=qkv_bias)
-            self.v = nn.Linear(self.c_dim, dim, bias=qkv_bias)
+            self.norm_act = nn.Sequential(nn.LayerNorm(self.c_dim, **dd), nn.GELU())  # eps 1e-5, as released
+            self.k = nn.Linear(self.c_dim, self.c_dim, bias=qkv_bias, **dd)
+            self.v = nn.Linear(self.c_dim, dim, bias=qkv_bias, **dd)
             self.kv = None
         else:
             self.reduction = self.norm_act = self.k = self.v = None
-            self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+            self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias, **dd)
 
     def forward(self, x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
         B, N, C = x.shape
         h = self.num_heads
-        q = self.q(x).reshape(B, N, h, -1).transpose(1, 2)  # (B, h, N, c_dim / h)
+        q = self.q(x).reshape(B, N, h, self.qk_head_dim).transpose(1, 2)  # (B, h, N, c_dim / h)
         if self.kv is None:  # sr_ratio > 1
-            H, W = size
-            x_ = x.transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
-            r = self.sr_ratio
-            pad_b, pad_r = (r - H % r) % r, (r - W % r) % r
-            if pad_b or pad_r:
-                x_ = F.pad(x_, (0, pad_r, 0, pad_b))
+            x_ = x.transpose(1, 2).reshape(B, C, size[0], size[1])  # (B, C, H, W)
+            x_ = pad_to_multiple(x_, self.sr_ratio)  # (B, C, Hp, Wp)
             x_ = self.reduction(x_).flatten(2).transpose(1, 2)  # (B, M, c_dim), M = ceil(H / r) * ceil(W / r)
             x_ = self.norm_act(x_)
-            k = self.k(x_).reshape(B, -1, h, self.c_dim // h).transpose(1, 2)  # (B, h, M, c_dim / h)
+            k = self.k(x_).reshape(B, -1, h, self.qk_head_dim).transpose(1, 2)  # (B, h, M, c_dim / h)
             v = self.v(x_).reshape(B, -1, h, self.head_dim).transpose(1, 2)  # (B, h, M, d)
         else:
             kv = self.kv(x).reshape(B, N, 2, h, self.head_dim).permute(2, 0, 3, 1, 4)  # (2, B, h, N, d)
             k, v = kv.unbind(0)
-        x = self.attend(q, k, v)
+        x = self.attend(q, k, v)  # (B, h, N, d)
         x = x.transpose(1, 2).reshape(B, N, C)  # (B, N, C)
         x = self.proj(x)
         return self.proj_drop(x)
@@ -196,35 +279,24 @@ class InteractiveWindowAttention(_Attention):
             attn_drop: float = 0.,
             proj_drop: float = 0.,
             ws: int = 7,
+            device=None,
+            dtype=None,
     ):
-        super().__init__(dim, num_heads, attn_drop, proj_drop)
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__(dim, num_heads, attn_drop, proj_drop, **dd)
         self.ws = ws
 
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.lim_func = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
-
-    def _pad_mask(self, H: int, W: int, Hp: int, Wp: int, device: torch.device) -> torch.Tensor:
-        """(Hp/ws * Wp/ws, 1, 1, ws*ws) bool, True where the key is a real (not padded) token."""
-        ws = self.ws
-        real = torch.zeros(Hp, Wp, dtype=torch.bool, device=device)
-        real[:H, :W] = True
-        real = real.reshape(Hp // ws, ws, Wp // ws, ws).transpose(1, 2)  # (hg, wg, ws, ws)
-        return real.reshape(-1, 1, 1, ws * ws)  # (nW, 1, 1, L)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
+        self.lim_func = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim, **dd)
 
     def forward(self, x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
         B, N, C = x.shape
         H, W = size
         ws, h, d = self.ws, self.num_heads, self.head_dim
-        x = x.reshape(B, H, W, C)  # (B, H, W, C)
-        pad_b, pad_r = (ws - H % ws) % ws, (ws - W % ws) % ws
-        padded = bool(pad_b or pad_r)
-        mask: Optional[torch.Tensor] = None
-        if padded:
-            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
-        Hp, Wp = H + pad_b, W + pad_r
+        x = pad_to_multiple(x.reshape(B, H, W, C), ws, channels_last=True)  # (B, Hp, Wp, C)
+        Hp, Wp = x.shape[1], x.shape[2]
         hg, wg = Hp // ws, Wp // ws
-        if padded:
-            mask = self._pad_mask(H, W, Hp, Wp, x.device).repeat(B, 1, 1, 1)  # (B * nW, 1, 1, L)
+        mask = window_key_mask(H, W, ws, B, x.device)  # (B * nW, 1, 1, L), None without padding
         # one window partition, of x (C wide) before qkv (3C wide): q, k and v come out grouped by window, and the
         # fused kernel takes them as strided views
         x = x.reshape(B, hg, ws, wg, ws, C).transpose(2, 3).reshape(B * hg * wg, ws * ws, C)  # (B * nW, L, C)
@@ -235,14 +307,9 @@ class InteractiveWindowAttention(_Attention):
         x = x.transpose(1, 2).reshape(B, hg, wg, ws, ws, C).transpose(2, 3)  # (B, hg, ws, wg, ws, C)
         # LIM on the value map at its real size, channels-last so that the conv reads and writes it without copies
         v = qkv[:, :, 2].reshape(B, hg, wg, ws, ws, C).transpose(2, 3).reshape(B, Hp, Wp, C)  # (B, Hp, Wp, C)
-        if padded:
-            v = v[:, :H, :W]
-            x = x.reshape(B, Hp, Wp, C)[:, :H, :W]  # (B, H, W, C)
+        v = v[:, :H, :W]  # (B, H, W, C), a view
         lim = self.lim_func(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # (B, H, W, C)
-        if not padded:
-            lim = lim.reshape(B, hg, ws, wg, ws, C)  # (B, hg, ws, wg, ws, C)
-        # the window reverse happens in this add
-        x = (lim + x).reshape(B, N, C)  # (B, N, C)
+        x = add_window_output(lim, x)  # (B, N, C)
         x = self.proj(x)
         return self.proj_drop(x)
 
@@ -264,17 +331,20 @@ class Block(nn.Module):
             ws: Optional[int] = None,
             act_layer: Callable = nn.GELU,
             norm_layer: Callable = _LayerNorm,
+            device=None,
+            dtype=None,
     ):
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        self.norm1 = norm_layer(dim)
+        self.norm1 = norm_layer(dim, **dd)
         if ws is None:
             self.attn = ScalableSelfAttention(
-                dim, num_heads, qkv_bias, attn_drop, proj_drop, sr_ratio=sr_ratio, c_ratio=c_ratio)
+                dim, num_heads, qkv_bias, attn_drop, proj_drop, sr_ratio=sr_ratio, c_ratio=c_ratio, **dd)
         else:
-            self.attn = InteractiveWindowAttention(dim, num_heads, qkv_bias, attn_drop, proj_drop, ws=ws)
+            self.attn = InteractiveWindowAttention(dim, num_heads, qkv_bias, attn_drop, proj_drop, ws=ws, **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
+        self.norm2 = norm_layer(dim, **dd)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop, **dd)
 
     def forward(self, x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x), size))
@@ -284,6 +354,8 @@ class Block(nn.Module):
 
 class ScalableViT(nn.Module):
     """ScalableViT.
+
+    ``forward_features`` returns the normed last map (B, C, H, W) (as timm's PVTv2); ``forward_head`` pools it.
 
     Args:
         img_size: nominal input size (pretrained cfg only; any size is accepted).
@@ -301,9 +373,13 @@ class ScalableViT(nn.Module):
         wss: IWSA window size of each stage.
         sr_ratios: SSA spatial reduction of each stage.
         c_ratios: SSA channel ratio of each stage.
-        mlp_head: the released 4096-wide MLP head (``Linear -> LayerNorm -> GELU -> Linear``); ``False`` gives a
-            plain ``Linear`` head, as ``reset_classifier`` does.
-        global_pool: ``'avg'`` (mean over tokens) or ``''``.
+        mlp_head: the released MLP head (``Linear -> LayerNorm -> GELU -> Linear``); ``False`` gives a plain
+            ``Linear`` head, as ``reset_classifier`` does.
+        mlp_head_dim: hidden width of the MLP head (4096 as released).
+        global_pool: ``'avg'`` (mean over positions) or ``''`` (``forward`` returns the map).
+        norm_layer: norm of the blocks, patch embeddings and the final norm.
+        device: device of the parameters (``'meta'`` builds without memory).
+        dtype: dtype of the parameters.
     """
 
     def __init__(
@@ -324,11 +400,14 @@ class ScalableViT(nn.Module):
             sr_ratios: Sequence[int] = (8, 4, 2, 1),
             c_ratios: Sequence[float] = (1.25, 1.25, 1.25, 1),
             mlp_head: bool = True,
-            head_hidden_size: int = 4096,
+            mlp_head_dim: int = 4096,
             global_pool: str = 'avg',
             norm_layer: Callable = _LayerNorm,
+            device=None,
+            dtype=None,
     ):
         super().__init__()
+        dd = {'device': device, 'dtype': dtype}
         assert global_pool in ('avg', ''), f'global_pool must be "avg" or "", got {global_pool!r}'
         num_stages = len(depths)
         for name, v in dict(embed_dims=embed_dims, num_heads=num_heads, mlp_ratios=mlp_ratios, wss=wss,
@@ -336,11 +415,13 @@ class ScalableViT(nn.Module):
             if len(v) != num_stages:
                 raise ValueError(f'{name} has {len(v)} entries but depths has {num_stages} stages')
         self.img_size = to_2tuple(img_size)
+        self.in_chans = in_chans
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.depths = tuple(depths)
         self.embed_dims = tuple(embed_dims)
-        self.num_features = self.head_hidden_size = embed_dims[-1]
+        self.num_features = self.head_hidden_size = embed_dims[-1]  # timm: the width of the pooled features
+        self.mlp_head_dim = mlp_head_dim
         self.grad_checkpointing = False
 
         self.patch_embeds = nn.ModuleList()
@@ -348,15 +429,13 @@ class ScalableViT(nn.Module):
         prev_chs = in_chans
         for i in range(num_stages):
             if i == 0:
-                self.patch_embeds.append(PatchEmbed(prev_chs, embed_dims[i], kernel_size=patch_size + 3,
-                                                    stride=patch_size))
+                self.patch_embeds.append(PatchEmbed(prev_chs, embed_dims[i], patch_size + 3, patch_size, **dd))
             else:
-                self.patch_embeds.append(PatchEmbed(prev_chs, embed_dims[i], kernel_size=3, stride=2))
+                self.patch_embeds.append(PatchEmbed(prev_chs, embed_dims[i], 3, 2, **dd))
             self.pos_drops.append(nn.Dropout(p=drop_rate))
             prev_chs = embed_dims[i]
 
-        total = sum(depths)
-        dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # linear; no tensor op (meta init)
+        dpr = calculate_drop_path_rates(drop_path_rate, sum(depths))  # linear from 0, as released
         self.stages = nn.ModuleList()
         self.feature_info = []
         cur = 0
@@ -373,23 +452,32 @@ class ScalableViT(nn.Module):
                 c_ratio=c_ratios[i],
                 ws=wss[i] if j % 2 == 0 else None,
                 norm_layer=norm_layer,
+                **dd,
             ) for j in range(depths[i])]))
-            self.feature_info += [dict(num_chs=embed_dims[i], reduction=patch_size * 2 ** i, module=f'stages.{i}')]
+            self.feature_info += [
+                dict(num_chs=embed_dims[i], reduction=patch_size * 2 ** i, module=f'stage_ends.{i}')]
             cur += depths[i]
-        self.pos_block = nn.ModuleList([PosConv(d) for d in embed_dims])
-        self.norm = norm_layer(self.num_features)
+        self.pos_block = nn.ModuleList([PosConv(d, **dd) for d in embed_dims])
+        self.stage_ends = nn.ModuleList([TokensToMap() for _ in embed_dims])
+        self.norm = norm_layer(self.num_features, **dd)
 
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = self._make_head(num_classes, mlp_head, head_hidden_size)
+        self.head = self._make_head(num_classes, mlp_head, **dd)
         self.apply(self._init_weights)
 
-    def _make_head(self, num_classes: int, mlp_head: bool, hidden: int = 4096) -> nn.Module:
+    def _make_head(self, num_classes: int, mlp_head: bool, device=None, dtype=None) -> nn.Module:
+        dd = {'device': device, 'dtype': dtype}
         if num_classes <= 0:
             return nn.Identity()
         if mlp_head:
+            hidden = self.mlp_head_dim
             return nn.Sequential(
-                nn.Linear(self.num_features, hidden), _LayerNorm(hidden), nn.GELU(), nn.Linear(hidden, num_classes))
-        return nn.Linear(self.num_features, num_classes)
+                nn.Linear(self.num_features, hidden, **dd),
+                _LayerNorm(hidden, **dd),
+                nn.GELU(),
+                nn.Linear(hidden, num_classes, **dd),
+            )
+        return nn.Linear(self.num_features, num_classes, **dd)
 
     @staticmethod
     def _init_weights(m: nn.Module):
@@ -430,7 +518,7 @@ class ScalableViT(nn.Module):
     def set_fused_attn(self, enable: bool = True):
         """Switch every attention between the fused SDPA path and the plain reference path."""
         for m in self.modules():
-            if isinstance(m, (ScalableSelfAttention, InteractiveWindowAttention)):
+            if isinstance(m, _Attention):
                 m.fused_attn = enable
 
     @torch.jit.ignore
@@ -441,29 +529,12 @@ class ScalableViT(nn.Module):
         """Replace the head by a plain ``Linear(num_features, num_classes)`` (identity for 0 classes)."""
         self.num_classes = num_classes
         if global_pool is not None:
-            assert global_pool in ('avg', '')
+            assert global_pool in ('avg', ''), f'global_pool must be "avg" or "", got {global_pool!r}'
             self.global_pool = global_pool
-        self.head = self._make_head(num_classes, mlp_head=False)
+        self.head = self._make_head(num_classes, mlp_head=False, **get_device_dtype(self))
         if isinstance(self.head, nn.Linear):
             self._init_weights(self.head)
-
-    def _run_stage(self, i: int, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
-        """Patch embedding, blocks and positional conv of stage ``i``; NCHW in, tokens (B, N, C) out."""
-        x, size = self.patch_embeds[i](x)
-        x = self.pos_drops[i](x)
-        for j, blk in enumerate(self.stages[i]):
-            if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
-                x = checkpoint(blk, x, size, use_reentrant=False)
-            else:
-                x = blk(x, size)
-            if j == 0:
-                x = self.pos_block[i](x, size)
-        return x, size
-
-    @staticmethod
-    def _to_nchw(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-        B, N, C = x.shape
-        return x.transpose(1, 2).reshape(B, C, size[0], size[1])  # (B, C, H, W)
+        self.head.train(self.training)
 
     def forward_intermediates(
             self,
@@ -485,23 +556,41 @@ class ScalableViT(nn.Module):
             intermediates_only: return only the intermediates.
 
         Returns:
-            The intermediates, or (final tokens (B, N, C) after the norm, intermediates).
+            The intermediates, or (the output of ``forward_features``, intermediates); when ``stop_early`` ends
+            before the last stage, the first item is that stage's map, without the final norm.
         """
         assert output_fmt in ('NCHW', 'NLC'), 'output_fmt must be NCHW or NLC.'
-        num_stages = len(self.stages)
-        take_indices, max_index = feature_take_indices(num_stages, indices)
-        last = max_index if (stop_early or intermediates_only) else num_stages - 1
         intermediates = []
-        for i in range(last + 1):
-            x, size = self._run_stage(i, x)
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        last_idx = len(self.stages) - 1
+        if torch.jit.is_scripting() or not (stop_early or intermediates_only):  # TorchScript cannot slice them
+            patch_embeds, pos_drops, stages = self.patch_embeds, self.pos_drops, self.stages
+            pos_blocks, stage_ends = self.pos_block, self.stage_ends
+        else:
+            patch_embeds, pos_drops, stages = (
+                self.patch_embeds[:max_index + 1], self.pos_drops[:max_index + 1], self.stages[:max_index + 1])
+            pos_blocks, stage_ends = self.pos_block[:max_index + 1], self.stage_ends[:max_index + 1]
+        i = 0
+        for i, (embed, drop, blocks, pos_blk, to_map) in enumerate(
+                zip(patch_embeds, pos_drops, stages, pos_blocks, stage_ends)):
+            x, size = embed(x)
+            x = drop(x)
+            for j, blk in enumerate(blocks):
+                if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
+                    x = checkpoint(blk, x, size, use_reentrant=False)
+                else:
+                    x = blk(x, size)
+                if j == 0:
+                    x = pos_blk(x, size)
+            x = to_map(x, size)  # (B, C, H, W)
             if i in take_indices:
-                y = self.norm(x) if (norm and i == num_stages - 1) else x
-                intermediates.append(self._to_nchw(y, size) if output_fmt == 'NCHW' else y)
-            if i < last:
-                x = self._to_nchw(x, size)
+                y = self._final_norm(x) if (norm and i == last_idx) else x
+                intermediates.append(y if output_fmt == 'NCHW' else y.flatten(2).transpose(1, 2))  # (B, N, C)
         if intermediates_only:
             return intermediates
-        return self.norm(x), intermediates
+        if i == last_idx:
+            x = self._final_norm(x)
+        return x, intermediates
 
     def prune_intermediate_layers(
             self,
@@ -511,7 +600,7 @@ class ScalableViT(nn.Module):
     ) -> List[int]:
         """Drop the stages after the last index kept (and optionally norm and head)."""
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        for name in ('patch_embeds', 'pos_drops', 'stages', 'pos_block'):
+        for name in ('patch_embeds', 'pos_drops', 'stages', 'pos_block', 'stage_ends'):
             setattr(self, name, getattr(self, name)[:max_index + 1])
         if prune_norm:
             self.norm = nn.Identity()
@@ -519,18 +608,29 @@ class ScalableViT(nn.Module):
             self.reset_classifier(0, '')
         return take_indices
 
+    def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The final norm on a map (B, C, H, W), channels-last inside: the map is a view of tokens, so no copies."""
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, C, H, W)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) -> final normed tokens (B, N, C)."""
-        num_stages = len(self.stages)
-        for i in range(num_stages):
-            x, size = self._run_stage(i, x)
-            if i < num_stages - 1:
-                x = self._to_nchw(x, size)
-        return self.norm(x)
+        """Images (B, C_in, H, W) -> the normed last map (B, C, H / 32, W / 32)."""
+        for embed, drop, blocks, pos_blk, to_map in zip(
+                self.patch_embeds, self.pos_drops, self.stages, self.pos_block, self.stage_ends):
+            x, size = embed(x)
+            x = drop(x)
+            for j, blk in enumerate(blocks):
+                if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
+                    x = checkpoint(blk, x, size, use_reentrant=False)
+                else:
+                    x = blk(x, size)
+                if j == 0:
+                    x = pos_blk(x, size)
+            x = to_map(x, size)  # (B, C, H, W)
+        return self._final_norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == 'avg':
-            x = x.mean(dim=1)
+            x = x.mean(dim=(2, 3))
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
@@ -588,7 +688,7 @@ def _create_scalable_vit(variant: str, pretrained: bool = False, **kwargs) -> Sc
 def _cfg(url: str = '', **kwargs) -> Dict:
     return {
         'url': url,
-        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None,
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
         'crop_pct': .875, 'interpolation': 'bicubic',
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
         'first_conv': 'patch_embeds.0.proj', 'classifier': 'head.3',

@@ -172,7 +172,7 @@ def test_odd_sizes_pyramid_and_fused_equals_plain(size, tiny_args):
         logits_plain = model(x)
     assert [tuple(f.shape) for f in feats] == [(2, c, h, w) for c, (h, w) in zip(tiny_args['embed_dims'],
                                                                                  _ceil_pyramid(*size))]
-    assert final.shape == (2, feats[-1].shape[-2] * feats[-1].shape[-1], 128)
+    assert final.shape == feats[-1].shape  # the normed last map
     for a, b in zip(feats, feats_plain):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(logits_fused, logits_plain, rtol=1e-4, atol=1e-5)
@@ -265,16 +265,23 @@ def test_heads_and_pooling(tiny_args):
     model = ScalableViT(num_classes=10, **tiny_args).eval()
     assert [type(m).__name__ for m in model.head] == ['Linear', 'LayerNorm', 'GELU', 'Linear']
     assert model.head[1].eps == 1e-6
+    assert model.head[0].out_features == 4096 and model.head_hidden_size == model.num_features == 128
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        tokens = model.forward_features(x)
-        assert model.forward_head(tokens, pre_logits=True).shape == (2, 128)
-        torch.testing.assert_close(model.forward_head(tokens, pre_logits=True), tokens.mean(1))
+        feats = model.forward_features(x)
+        assert feats.shape == (2, 128, 2, 2)  # the normed last map, NCHW (as timm's PVTv2)
+        assert model.forward_head(feats, pre_logits=True).shape == (2, 128)
+        torch.testing.assert_close(model.forward_head(feats, pre_logits=True), feats.mean((2, 3)))
         assert model(x).shape == (2, 10)
         model.reset_classifier(3)
         assert isinstance(model.head, torch.nn.Linear) and model(x).shape == (2, 3)
         model.reset_classifier(0)
         assert model(x).shape == (2, 128)
+        model.reset_classifier(0, '')
+        torch.testing.assert_close(model(x), feats)
+    narrow = ScalableViT(num_classes=10, mlp_head_dim=48, **tiny_args)
+    assert [m.weight.shape[0] for m in narrow.head if hasattr(m, 'weight')] == [48, 48, 10]
+    assert narrow.head_hidden_size == 128  # timm's meaning: the width of the pooled features
 
 
 def test_no_weight_decay_and_group_matcher(tiny_args):
@@ -302,6 +309,88 @@ def test_released_norm_eps_and_drop_path_schedule():
 def test_bad_config_is_an_error():
     with pytest.raises(ValueError, match='c_ratios has 3 entries'):
         ScalableViT(c_ratios=(1, 1, 1))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# timm's model contract: device/dtype kwargs, TorchScript, torch.fx (timm's own test_models.py runs in
+# test_timm_suite.py; these are the fast checks of the same paths, with outputs compared to eager)
+
+# IWSA, SSA with a reduction (padded at odd sizes) and SSA without one, in few blocks: scripting time grows with them
+_SMALL = dict(depths=(1, 2, 1, 2))
+
+
+def test_device_and_dtype_kwargs(tiny_args):
+    model = timm.create_model('scalable_vit_small', device='meta', **tiny_args)
+    tensors = dict(model.named_parameters(), **dict(model.named_buffers()))
+    assert tensors and all(t.device.type == 'meta' for t in tensors.values())
+    assert model(torch.empty(2, 3, 65, 71, device='meta')).shape == (2, 1000)
+    model = timm.create_model('scalable_vit_small', dtype=torch.bfloat16, num_classes=3, **tiny_args).eval()
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    model.reset_classifier(5)
+    assert model.head.weight.dtype == torch.bfloat16 and not model.head.training
+
+
+def test_forward_intermediates_agrees_with_forward_features(tiny_args):
+    torch.manual_seed(0)
+    model = ScalableViT(**tiny_args).eval()
+    x = torch.randn(1, 3, 72, 61)
+    with torch.no_grad():
+        final, feats = model.forward_intermediates(x)
+        torch.testing.assert_close(final, model.forward_features(x), rtol=0, atol=0)
+        normed = model.forward_intermediates(x, indices=1, norm=True, intermediates_only=True)
+        torch.testing.assert_close(normed[0], final, rtol=0, atol=0)
+        early, taps = model.forward_intermediates(x, indices=[1], stop_early=True)
+        torch.testing.assert_close(taps[0], feats[1], rtol=0, atol=0)
+        torch.testing.assert_close(early, feats[1], rtol=0, atol=0)  # no final norm before the last stage
+        tokens = model.forward_intermediates(x, output_fmt='NLC', intermediates_only=True)
+    for t, f in zip(tokens, feats):
+        torch.testing.assert_close(t, f.flatten(2).transpose(1, 2), rtol=0, atol=0)
+
+
+def _fx_trace(model):
+    from timm.layers import get_notrace_functions, get_notrace_modules
+    tracer = torch.fx.Tracer(autowrap_functions=tuple(get_notrace_functions()))
+    tracer.leaf_modules = set(get_notrace_modules())
+    return torch.fx.GraphModule(model, tracer.trace(model))
+
+
+@pytest.mark.parametrize('fused', [True, False], ids=['fused', 'plain'])
+def test_torchscript_and_fx_match_eager(fused, tiny_args):
+    """One scripted and one FX-traced graph serve any input size: padded (65x71) and whole windows (64x64)."""
+    torch.manual_seed(0)
+    model = ScalableViT(num_classes=10, **dict(tiny_args, **_SMALL)).eval()
+    model.set_fused_attn(fused)
+    scripted = torch.jit.script(model)
+    traced = _fx_trace(model)
+    assert any(n.target is scalablevit.model.window_key_mask for n in traced.graph.nodes)  # mask decided at run time
+    for size in [(65, 71), (64, 64)]:
+        x = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            want = model(x)
+            torch.testing.assert_close(scripted(x), want, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(traced(x), want, rtol=1e-5, atol=1e-6)
+
+
+def test_fx_torchscript_and_fx_feature_extractor(tiny_args):
+    torch.manual_seed(0)
+    model = ScalableViT(num_classes=10, **dict(tiny_args, **_SMALL)).eval()
+    x = torch.randn(1, 3, 65, 71)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(_fx_trace(model))(x), model(x), rtol=1e-5, atol=1e-6)
+    feats = {}
+    for cls in ('fx', 'hook', 'getter'):
+        torch.manual_seed(0)
+        feats[cls] = timm.create_model('scalable_vit_small', features_only=True, feature_cls=cls,
+                                       **dict(tiny_args, **_SMALL)).eval()
+    with torch.no_grad():
+        want = feats['getter'](x)
+        assert [tuple(f.shape) for f in want] == [(1, c, h, w) for c, (h, w) in zip(tiny_args['embed_dims'],
+                                                                                    _ceil_pyramid(65, 71))]
+        for cls in ('fx', 'hook'):
+            for a, b in zip(feats[cls](x), want):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
