@@ -4,7 +4,7 @@ import os
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from timm.data.auto_augment import posterize as timm_posterize
 from torch.utils.data import Dataset
@@ -23,8 +23,11 @@ def read_image(path: str) -> Image.Image:
         with open(path, 'rb') as f:
             img = Image.open(f)
             return img.convert('RGB')
+    except UnidentifiedImageError as e:
+        raise UsageError(f'cannot read image {path}: not an image file PIL can open (corrupt, truncated or another '
+                         f'format); remove or replace it') from e
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise UsageError(f'cannot read image {path}: {e}') from e
+        raise UsageError(f'cannot read image {path}: {e}; remove or replace it') from e
 
 
 def _image_folder(root: str, split: str, transform: Callable) -> datasets.ImageFolder:

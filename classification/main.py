@@ -161,7 +161,7 @@ def check_args(args: argparse.Namespace):
         args.input_size = 32 if args.data_set == 'DIGITS' else 224
     if args.output_dir is None:
         args.output_dir = f'./{args.model}'
-    for flag, value, low in (('--batch-size', args.batch_size, 1), ('--epochs', args.epochs, 0),
+    for flag, value, low in (('--batch-size', args.batch_size, 1), ('--epochs', args.epochs, 1),
                              ('--grad-accum-steps', args.grad_accum_steps, 1), ('--input-size', args.input_size, 1),
                              ('--num_workers', args.num_workers, 0), ('--checkpoint-hist', args.checkpoint_hist, 0)):
         if value < low:
@@ -264,6 +264,10 @@ def build_loaders(args: argparse.Namespace):
     else:
         sampler_val = SequentialSampler(dataset_val)
     pin = args.pin_mem and args.device.startswith('cuda')
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    if args.num_workers > cpus:
+        _logger.info(f'--num_workers {args.num_workers}: this machine has {cpus} CPUs for this process; using {cpus}')
+        args.num_workers = cpus
     loader_train = DataLoader(dataset_train, sampler=sampler_train, batch_size=args.batch_size,
                               num_workers=args.num_workers, pin_memory=pin, drop_last=True)
     if len(loader_train) == 0 and not (args.eval or args.throughput):
@@ -462,7 +466,8 @@ def main(args: argparse.Namespace):
                 _logger.warning(f'stopped by {stop.received} at epoch {epoch}, step {stop.step} of '
                                 f'{len(loader_train)}' + (f'; saved {path}; rerun with --resume auto to continue '
                                                            f'from there' if path else ' (no --output_dir: not saved)'))
-                return dict(max_accuracy=max_accuracy, last=test_stats, stopped=(epoch, stop.step))
+                return dict(max_accuracy=max_accuracy, last=test_stats, model=model_without_ddp,
+                            stopped=(epoch, stop.step))
             lr_scheduler.step(epoch)
             test_stats = evaluate(loader_val, model, device, amp_dtype, dist_eval, args.print_freq)
             _logger.info(f'Accuracy of the network on the {test_stats["count"]} test images: '
@@ -503,7 +508,7 @@ def main(args: argparse.Namespace):
 
     total_time = datetime.timedelta(seconds=int(time.time() - start_time))
     _logger.info(f'training time {total_time}; max accuracy {max_accuracy:.2f}%')
-    return dict(max_accuracy=max_accuracy, last=test_stats)
+    return dict(max_accuracy=max_accuracy, last=test_stats, model=model_without_ddp)
 
 
 def tensorboard_writer(output_dir: Path):
@@ -537,9 +542,8 @@ def cli(argv=None) -> int:
         return 1
     except (RuntimeError, OSError) as e:
         if utils.get_world_size() > 1 and _is_comm_error(e):
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
-            print(f'error: process {rank} lost contact with the other processes ({reason}); another process '
-                  f'stopped first, its error is above', file=sys.stderr, flush=True)
+            print(f'error: process {rank} lost contact with the other processes ({type(e).__name__}): another '
+                  f'process stopped first; its error is above', file=sys.stderr, flush=True)
             return 1
         raise
     finally:
