@@ -348,6 +348,9 @@ def _replace_atomic(write, path: str):
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the output is an ordinary file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
