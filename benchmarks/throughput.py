@@ -7,7 +7,13 @@ forms in the same run:
 * ``fast``: the library model as it is (fused attention, the default);
 * ``reference``: a copy of the same model, sharing its weights' values, whose attention modules run the released
   implementation's forward passes as written there (explicit attention matrices, its reshapes and copies); it is
-  checked equal to ``fast`` before anything is timed.
+  checked equal to ``fast`` before anything is timed;
+* ``optimized`` (inference only): ``scalablevit.optimize_for_inference(model)``, the fast model compiled by Inductor
+  with weight freezing.
+
+The machine's limit is measured in the same run: the best rate of a large ``torch.mm`` in each dtype with the same
+threads. Every row shows its achieved FLOP rate (img/s x FLOPs per image, ``scalablevit.info``'s count, x3 for a
+training step) and that rate as a fraction of the limit.
 
 Rows are run interleaved (repeat 1 of every row, then repeat 2, ...) so that machine drift hits every row alike;
 the table shows the median over repeats. Examples::
@@ -15,6 +21,7 @@ the table shows the median over repeats. Examples::
     python benchmarks/throughput.py --device cpu
     python benchmarks/throughput.py --device cpu --models scalable_vit_small --batch 16 --dtype fp32 bf16
     python benchmarks/throughput.py --device cuda --models all --batch 64 --dtype fp16 --mode infer train
+    python benchmarks/throughput.py --models scalable_vit_small --impl fast optimized reference --batch 8 1
     python benchmarks/throughput.py --models scalable_vit_small --impl fast --compile yes --json row.json
 """
 import argparse
@@ -38,6 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone
 
 import timm
 
+from scalablevit.inference import optimize_for_inference
+from scalablevit.info import count_flops
 from scalablevit.model import InteractiveWindowAttention, ScalableSelfAttention, ScalableViT  # registers models
 
 _logger = logging.getLogger('throughput')
@@ -140,17 +149,24 @@ def sync(device: torch.device):
 
 
 class Row:
-    """One row of the table: a model in one form, mode, dtype and compile setting, with its runner."""
+    """One row of the table: a model in one form, mode, dtype, compile setting and batch, with its runner."""
 
     def __init__(self, name: str, impl: str, mode: str, dtype: str, compiled: bool, model: torch.nn.Module,
-                 device: torch.device, batch: int, img_size: int):
+                 device: torch.device, batch: int, img_size: int, flops_per_img: Optional[float] = None):
         self.name, self.impl, self.mode, self.dtype, self.compiled = name, impl, mode, dtype, compiled
         self.device, self.batch = device, batch
+        self.flops_per_img = flops_per_img  # multiply-adds x 2 of one forward pass, or None when unknown
+        self.limit: Optional[float] = None  # the GEMM limit of this row's dtype, FLOP/s, set by main()
         self.times: List[float] = []
         self.peak_mem_mb: Optional[float] = None
         self.model = model.to(device)
         self.model.train(mode == 'train')
-        self.fn = torch.compile(self.model) if compiled else self.model
+        if impl == 'optimized':
+            assert mode == 'infer', 'optimize_for_inference is for inference rows'
+            self.compiled = True
+            self.fn = optimize_for_inference(self.model, check=False)
+        else:
+            self.fn = torch.compile(self.model) if compiled else self.model
         self.x = torch.randn(batch, 3, img_size, img_size, device=device)
         self.y = torch.randint(0, max(1, getattr(model, 'num_classes', 1000)), (batch,), device=device)
         amp_dtype = DTYPES[dtype]
@@ -191,13 +207,65 @@ class Row:
     def img_per_s(self) -> float:
         return self.batch / statistics.median(self.times)
 
+    @property
+    def flop_rate(self) -> Optional[float]:
+        """Achieved FLOP/s: img/s x FLOPs per image (x3 for a training step: forward + two backward products)."""
+        if not self.flops_per_img:
+            return None
+        return self.img_per_s * self.flops_per_img * (3 if self.mode == 'train' else 1)
+
+    @property
+    def frac_of_limit(self) -> Optional[float]:
+        rate = self.flop_rate
+        return rate / self.limit if rate and self.limit else None
+
     def record(self) -> Dict:
+        rate, frac = self.flop_rate, self.frac_of_limit
         return dict(
             model=self.name, impl=self.impl, device=self.device.type, dtype=self.dtype, batch=self.batch,
             mode=self.mode, compiled=self.compiled, img_per_s=round(self.img_per_s, 3),
+            ms_per_step=round(1e3 * statistics.median(self.times), 3),
             peak_mem_mb=None if self.peak_mem_mb is None else round(self.peak_mem_mb, 1),
+            gflops_per_img=None if not self.flops_per_img else round(self.flops_per_img / 1e9, 4),
+            gflop_per_s=None if rate is None else round(rate / 1e9, 2),
+            limit_gflop_per_s=None if not self.limit else round(self.limit / 1e9, 2),
+            frac_of_limit=None if frac is None else round(frac, 4),
             median_s=statistics.median(self.times), min_s=min(self.times), times_s=self.times,
         )
+
+
+def gemm_limit(dtype: str, device: torch.device, sizes: Optional[Tuple[int, ...]] = None,
+               repeats: int = 3) -> float:
+    """The machine's matrix-multiply limit in FLOP/s: the best rate of ``torch.mm`` on square matrices.
+
+    Same thread count as the rows (``torch.get_num_threads()``); 2 n^3 FLOPs per product. ``dtype`` is the row's:
+    fp32 multiplies float32 (TF32 as torch's current setting says on CUDA), bf16 / fp16 multiply in that type.
+    """
+    if sizes is None:
+        sizes = (4096, 8192) if device.type == 'cuda' else (1024, 2048)
+    tdtype = DTYPES[dtype] or torch.float32
+    best = 0.
+    for n in sizes:
+        a = torch.randn(n, n, device=device).to(tdtype)
+        b = torch.randn(n, n, device=device).to(tdtype)
+        torch.mm(a, b)  # warm-up: threads, oneDNN / cuBLAS handles
+        for _ in range(repeats):
+            sync(device)
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            sync(device)
+            best = max(best, 2 * n ** 3 / (time.perf_counter() - t0))
+    return best
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matrix products run natively (CUDA compute >= 8.0; CPU AVX512-BF16 or AMX), not emulated."""
+    if device.type == 'cuda':
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def cpu_peak_bytes(step: Callable[[], None]) -> int:
@@ -224,7 +292,7 @@ def cpu_peak_bytes(step: Callable[[], None]) -> int:
 
 def build_models(name: str, impls: List[str], img_size: int,
                  model_args: Optional[Dict] = None) -> List[Tuple[str, torch.nn.Module]]:
-    """(impl, model) pairs for ``name``: ours as fast and reference (checked equal), a peer as timm."""
+    """(impl, model) pairs for ``name``: ours as fast, optimized and reference (checked equal), a peer as timm."""
     torch.manual_seed(0)
     ours = name in timm.list_models('scalable_vit*')
     model = timm.create_model(name, pretrained=False, **((model_args or {}) if ours else {}))
@@ -233,6 +301,8 @@ def build_models(name: str, impls: List[str], img_size: int,
     out = []
     if 'fast' in impls:
         out.append(('fast', model))
+    if 'optimized' in impls:
+        out.append(('optimized', copy.deepcopy(model)))  # optimize_for_inference turns off its gradients
     if 'reference' in impls:
         ref = make_reference(model)
         check_reference(model, ref, img_size)
@@ -258,9 +328,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--models', nargs='+', default=None,
                         help='model names, or "all" (default: scalable_vit_small and its peers on CPU, all on CUDA)')
     parser.add_argument('--impl', nargs='+', default=['fast', 'reference', 'timm'],
-                        choices=['fast', 'reference', 'timm'], help='forms to measure')
+                        choices=['fast', 'optimized', 'reference', 'timm'],
+                        help='forms to measure (optimized: optimize_for_inference, inference rows only)')
     parser.add_argument('--device', default='auto', help='cpu, cuda, cuda:N or auto')
-    parser.add_argument('--batch', type=int, default=None, help='batch size (default: 8 on CPU, 64 on CUDA)')
+    parser.add_argument('--batch', type=int, nargs='+', default=None,
+                        help='batch sizes (default: 8 on CPU, 64 on CUDA); batch 1 rows give the latency')
     parser.add_argument('--img-size', type=int, default=224)
     parser.add_argument('--dtype', nargs='+', default=None, choices=list(DTYPES),
                         help='fp32, or bf16/fp16 autocast (default: fp32 on CPU, fp16 on CUDA)')
@@ -274,6 +346,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help='JSON dict of ScalableViT constructor overrides, e.g. \'{"depths": [1, 1, 3, 1]}\'')
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch default)')
     parser.add_argument('--no-mem', action='store_true', help='skip the peak memory measurement')
+    parser.add_argument('--no-limit', action='store_true', help='skip the GEMM limit and FLOP counts')
     parser.add_argument('--json', default=None, help='also write the rows as a JSON list of records to this path')
     return parser
 
@@ -286,7 +359,7 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
         args.models = ALL_MODELS if cuda else ['scalable_vit_small'] + PEERS['scalable_vit_small']
     elif args.models == ['all']:
         args.models = ALL_MODELS
-    args.batch = args.batch or (64 if cuda else 8)
+    args.batch = args.batch or [64 if cuda else 8]
     args.dtype = args.dtype or (['fp16'] if cuda else ['fp32'])
     args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 1)
     args.repeats = args.repeats or (10 if cuda else 3)
@@ -294,15 +367,31 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def _reference_for(rows: List[Row]) -> Callable[[Row], Optional[Row]]:
+    """The reference row a row is compared with: same model, mode, dtype and batch; eager if there is one."""
+    refs: Dict[Tuple, Row] = {}
+    for r in rows:
+        if r.impl == 'reference':
+            key = (r.name, r.mode, r.dtype, r.batch)
+            if key not in refs or not r.compiled:  # the released computation as it ships: eager
+                refs[key] = r
+    return lambda r: refs.get((r.name, r.mode, r.dtype, r.batch))
+
+
 def format_table(rows: List[Row], header: str) -> str:
-    ref = {(r.name, r.mode, r.dtype, r.compiled): r.img_per_s for r in rows if r.impl == 'reference'}
-    cols = ['model', 'impl', 'mode', 'dtype', 'compiled', 'img/s', 'vs ref', 'peak MB', 'spread']
+    ref_of = _reference_for(rows)
+    cols = ['model', 'impl', 'mode', 'dtype', 'compiled', 'batch', 'img/s', 'ms/step', 'vs ref', 'GFLOP/s',
+            'of limit', 'peak MB', 'spread']
     lines = []
     for r in rows:
-        base = ref.get((r.name, r.mode, r.dtype, r.compiled))
+        ref = ref_of(r)
         spread = (max(r.times) - min(r.times)) / statistics.median(r.times)
-        lines.append([r.name, r.impl, r.mode, r.dtype, 'yes' if r.compiled else 'no', f'{r.img_per_s:.2f}',
-                      f'{r.img_per_s / base:.2f}x' if base and r.impl == 'fast' else '',
+        rate, frac = r.flop_rate, r.frac_of_limit
+        lines.append([r.name, r.impl, r.mode, r.dtype, 'freeze' if r.impl == 'optimized' else
+                      ('yes' if r.compiled else 'no'), str(r.batch), f'{r.img_per_s:.2f}',
+                      f'{1e3 * statistics.median(r.times):.1f}',
+                      f'{r.img_per_s / ref.img_per_s:.2f}x' if ref and r.impl in ('fast', 'optimized') else '',
+                      '' if rate is None else f'{rate / 1e9:.1f}', '' if frac is None else f'{100 * frac:.0f}%',
                       '-' if r.peak_mem_mb is None else f'{r.peak_mem_mb:.0f}', f'{100 * spread:.0f}%'])
     widths = [max(len(c), *(len(line[i]) for line in lines)) for i, c in enumerate(cols)]
 
@@ -311,6 +400,39 @@ def format_table(rows: List[Row], header: str) -> str:
 
     out = [header, '', fmt(cols), '|' + '|'.join('-' * (w + 2) for w in widths) + '|']
     return '\n'.join(out + [fmt(line) for line in lines])
+
+
+def summarize(rows: List[Row]) -> List[Dict]:
+    """Per model, mode, dtype and batch with a reference row: ``fast`` = the best of our forms (eager, compiled,
+    optimized), what a user would pick, against the reference (eager)."""
+    ref_of = _reference_for(rows)
+    groups: Dict[Tuple, List[Row]] = {}
+    for r in rows:
+        if r.impl in ('fast', 'optimized') and ref_of(r) is not None:
+            groups.setdefault((r.name, r.mode, r.dtype, r.batch), []).append(r)
+    out = []
+    for (name, mode, dtype, batch), cands in groups.items():
+        best, ref = max(cands, key=lambda r: r.img_per_s), ref_of(cands[0])
+        out.append(dict(
+            model=name, mode=mode, dtype=dtype, batch=batch, best=best.impl + (' compiled' if best.compiled and
+                                                                              best.impl == 'fast' else ''),
+            fast_img_per_s=round(best.img_per_s, 3), reference_img_per_s=round(ref.img_per_s, 3),
+            vs_ref=round(best.img_per_s / ref.img_per_s, 3), fast_ms=round(1e3 * statistics.median(best.times), 2),
+            frac_of_limit=None if best.frac_of_limit is None else round(best.frac_of_limit, 4)))
+    return out
+
+
+def format_summary(summary: List[Dict], limits: Dict[str, float]) -> str:
+    lines = []
+    if limits:
+        lines.append('GEMM limit (best torch.mm, same threads): ' + ', '.join(
+            f'{k} {v / 1e9:.1f} GFLOP/s' for k, v in limits.items()))
+    for s in summary:
+        frac = '' if s['frac_of_limit'] is None else f', {100 * s["frac_of_limit"]:.0f}% of the {s["dtype"]} limit'
+        lines.append(f'{s["model"]} {s["mode"]} {s["dtype"]} batch {s["batch"]}: fast (best: {s["best"]}) '
+                     f'{s["fast_img_per_s"]:.2f} img/s ({s["fast_ms"]:.1f} ms/step) vs reference '
+                     f'{s["reference_img_per_s"]:.2f} img/s = {s["vs_ref"]:.2f}x{frac}')
+    return '\n'.join(lines)
 
 
 def main(args: argparse.Namespace) -> List[Dict]:
@@ -322,35 +444,58 @@ def main(args: argparse.Namespace) -> List[Dict]:
 
     rows: List[Row] = []
     for name in args.models:
+        flops = None
         for impl, model in build_models(name, args.impl, args.img_size, args.model_args):
-            for mode in args.mode:
-                for dtype in args.dtype:
-                    for compiled in compiled_opts:
-                        # each row owns its weights: training steps must not change another row's model
-                        m = copy.deepcopy(model) if len(args.mode) * len(args.dtype) * len(compiled_opts) > 1 else model
-                        rows.append(Row(name, impl, mode, dtype, compiled, m, device, args.batch, args.img_size))
+            if flops is None and not args.no_limit:
+                flops = 2. * count_flops(model, args.img_size, device='cpu')  # multiply-adds x 2, one image
+            combos = [(mode, dtype, compiled, batch) for mode in args.mode for dtype in args.dtype
+                      for compiled in compiled_opts for batch in args.batch]
+            if impl == 'optimized':  # one inference row per dtype and batch: optimize_for_inference compiles
+                combos = [c for c in combos if c[0] == 'infer' and c[2] == compiled_opts[0]]
+            for mode, dtype, compiled, batch in combos:
+                # each row owns its weights: training steps must not change another row's model
+                m = copy.deepcopy(model) if len(combos) > 1 else model
+                rows.append(Row(name, impl, mode, dtype, compiled, m, device, batch, args.img_size, flops))
     if not rows:
-        raise SystemExit('no rows selected')
+        raise SystemExit('no rows selected (--impl optimized measures inference only: add --mode infer)')
+
+    limits: Dict[str, float] = {}
+    if not args.no_limit:
+        for dtype in args.dtype:
+            _logger.info('GEMM limit %s', dtype)
+            limits[dtype] = gemm_limit(dtype, device)
 
     for r in rows:
-        _logger.info('warm-up %s %s %s %s compiled=%s', r.name, r.impl, r.mode, r.dtype, r.compiled)
+        _logger.info('warm-up %s %s %s %s compiled=%s batch %d', r.name, r.impl, r.mode, r.dtype, r.compiled,
+                     r.batch)
         for _ in range(args.warmup):
             r.step()
     for i in range(args.repeats):
         _logger.info('repeat %d/%d', i + 1, args.repeats)
         for r in rows:
             r.timed(args.iters)
+        for dtype in limits:  # the limit is measured between the rows too: the best over the run
+            limits[dtype] = max(limits[dtype], gemm_limit(dtype, device, repeats=1))
+    for r in rows:
+        r.limit = limits.get(r.dtype)
     if not args.no_mem:
         for r in rows:
             r.measure_memory()
 
     dev_name = torch.cuda.get_device_name(device) if device.type == 'cuda' else (platform.processor() or 'cpu')
+    if device.type == 'cpu':
+        dev_name += f', {torch.backends.cpu.get_cpu_capability()}'
     header = (f'device {device.type} ({dev_name}), torch {torch.__version__}, timm {timm.__version__}, '
-              f'threads {torch.get_num_threads()}, batch {args.batch}, {args.img_size}px, warm-up {args.warmup}, '
-              f'median of {args.repeats} repeats x {args.iters} steps')
+              f'threads {torch.get_num_threads()}, {args.img_size}px, warm-up {args.warmup}, '
+              f'median of {args.repeats} repeats x {args.iters} steps, bf16 native: '
+              f'{"yes" if native_bf16(device) else "no (emulated)"}')
     if device.type == 'cpu' and hasattr(os, 'getloadavg'):
         header += ', load average {:.2f} {:.2f} {:.2f}'.format(*os.getloadavg())
     print(format_table(rows, header))
+    summary = summarize(rows)
+    text = format_summary(summary, limits)
+    if text:
+        print('\n' + text)
 
     records = [r.record() for r in rows]
     for rec in records:
@@ -358,6 +503,10 @@ def main(args: argparse.Namespace) -> List[Dict]:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(records, indent=1))
+        if summary or limits:
+            Path(args.json).with_suffix('.summary.json').write_text(json.dumps(dict(
+                limits_gflop_per_s={k: round(v / 1e9, 2) for k, v in limits.items()}, summary=summary,
+                header=header), indent=1))
     return records
 
 

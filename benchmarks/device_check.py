@@ -1,0 +1,519 @@
+"""One-shot GPU check: correctness, training, throughput and dense-prediction speed on the first GPU we get.
+
+    bash benchmarks/device_check.sh                     # on a CUDA machine; results in $OUT or benchmarks/results/
+    bash benchmarks/device_check.sh --dry-run           # every step on CPU with tiny sizes (what CI runs)
+    python benchmarks/device_check.py --out DIR --only correctness throughput
+
+Each step runs in order under one time budget (``--budget-s``, 450 s by default on CUDA, so the whole check ends
+in under 8 minutes on one H100): a step whose estimate no longer fits is skipped and says so. The results go to
+``DIR/device_check.json`` (every step's status, seconds, numbers and the throughput rows) and
+``DIR/device_check.md`` (a summary with the targets of issue 14); the output of every command is appended to
+``DIR/device_check.log``. Scratch files (checkpoints, work dirs, data) go to ``--work`` (a temporary folder).
+
+Steps: ``env``, ``correctness`` (fused vs plain attention vs the released code's outputs in ``tests/data``, fp32,
+bf16, fp16, odd input sizes), ``throughput`` (``throughput.py``: ScalableViT S/B/L fast vs reference and the timm
+peers at batch 64, fp16 and bf16, inference and training step with peak memory), ``cls_train_fp16`` and
+``cls_train_bf16`` (one epoch of DIGITS at 224, about 50 steps of ScalableViT-S under ``torchrun``, NCCL),
+``det_train`` / ``seg_train`` (the tiny mmdet / mmseg configs), ``det_fps`` / ``seg_fps`` (RetinaNet-S at
+1333x800, UperNet-S at 2048x512), ``cls_throughput`` (``main.py --throughput`` of S/B/L) and
+``throughput_compiled`` (S and Swin-T under ``torch.compile``, and ``optimize_for_inference``).
+"""
+import argparse
+import importlib.util
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a clone without installing
+
+# The tiny ScalableViT of the tests (every block type and SSA channel ratio), for the CPU dry run.
+TINY_ARGS = dict(embed_dims=[32, 64, 96, 128], num_heads=[1, 2, 3, 4], depths=[2, 2, 2, 2],
+                 c_ratios=[2, 1.25, 0.5, 1], sr_ratios=[8, 4, 2, 1])
+# The three-stage DIGITS model of classification/README.md's first run.
+CLS_TINY_KWARGS = ['embed_dims=32,64,128', 'num_heads=1,2,4', 'depths=2,2,2', 'mlp_ratios=2,2,2', 'sr_ratios=4,2,1',
+                   'c_ratios=1,1,1', 'wss=4,4,2', 'mlp_head=False']
+# One stage of IWSA + SSA and a plain head, for the one compile of the dry run (few kernels: compiles fast).
+MICRO_ARGS = dict(embed_dims=[32], num_heads=[2], depths=[2], mlp_ratios=[2], wss=[7], sr_ratios=[4],
+                  c_ratios=[1.25], mlp_head=False)
+TOLERANCE = {'fp32': 1e-4, 'fp16': 1e-2, 'bf16': 5e-2}  # max |out - ref| / max |ref| of the logits
+
+DET_CONFIG = 'configs/retinanet_scalablevit-s_fpn_1x_coco.py'
+SEG_CONFIG = 'configs/scalablevit-s_upernet_8xb2-160k_ade20k-512x512.py'
+DET_TINY = 'configs/tiny/retinanet_scalablevit-tiny_fpn_tiny-coco.py'
+SEG_TINY = 'configs/tiny/scalablevit-tiny_upernet_1xb2-40_tiny-ade-64x64.py'
+
+
+class StepFailed(Exception):
+    """A step's command or check failed; the message is one line."""
+
+
+class DeviceCheck:
+    def __init__(self, out: Path, work: Path, dry_run: bool, device: str, budget_s: float,
+                 only: Optional[Sequence[str]]):
+        self.out, self.work, self.dry_run, self.device = out, work, dry_run, device
+        self.budget_s, self.only = budget_s, set(only or [])
+        self.t0 = time.time()
+        self.steps: List[Dict] = []
+        self.throughput_rows: List[Dict] = []
+        self.throughput_tables: List[str] = []
+        out.mkdir(parents=True, exist_ok=True)
+        work.mkdir(parents=True, exist_ok=True)
+        self.log_path = out / 'device_check.log'
+        self.log_path.write_text('')
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # plumbing
+    # ---------------------------------------------------------------------------------------------------------------
+
+    def log(self, text: str):
+        with self.log_path.open('a') as f:
+            f.write(text if text.endswith('\n') else text + '\n')
+
+    def remaining(self) -> float:
+        return self.budget_s - (time.time() - self.t0)
+
+    def sh(self, cmd: List[str], cwd: Path = REPO, timeout: float = 600, env: Optional[Dict] = None) -> str:
+        """Run a command, log its output, return stdout + stderr; a non-zero exit is a StepFailed."""
+        self.log(f'\n$ (cd {cwd} && {" ".join(cmd)})')
+        full_env = dict(os.environ, PYTHONUNBUFFERED='1', **(env or {}))
+        full_env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(REPO), full_env.get('PYTHONPATH')]))
+        try:
+            # the dry run has no budget (a loaded CI machine is slow); on the GPU a step ends with the budget
+            limit = max(timeout, 900.) if self.dry_run else max(10., min(timeout, self.remaining() + 60))
+            proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=limit)
+        except subprocess.TimeoutExpired as e:
+            self.log(_text(e.stdout) + _text(e.stderr))
+            raise StepFailed(f'timed out after {e.timeout:.0f} s: {" ".join(cmd[:4])} ...') from None
+        text = proc.stdout + proc.stderr
+        self.log(text)
+        if proc.returncode != 0:
+            last = [line for line in text.strip().splitlines() if line.strip()][-1:] or ['(no output)']
+            raise StepFailed(f'exit {proc.returncode}: {last[0][:300]}')
+        return text
+
+    def step(self, name: str, estimate_s: float, fn: Callable[[], Dict]):
+        if self.only and name not in self.only:
+            return
+        rec = dict(name=name, status='ok', seconds=0., data={}, error=None)
+        if not self.dry_run and self.remaining() < estimate_s:
+            rec.update(status='skipped', error=f'time budget: {self.remaining():.0f} s left, the step needs ~'
+                                               f'{estimate_s:.0f} s (run it alone with --only {name})')
+        else:
+            t = time.time()
+            self.log(f'\n===== {name} =====')
+            try:
+                rec['data'] = fn() or {}
+                if rec['data'].pop('_failed', None):
+                    rec['status'], rec['error'] = 'failed', rec['data'].pop('_error', 'a check failed')
+            except StepFailed as e:
+                rec.update(status='failed', error=str(e))
+            except Exception as e:  # a bug in a step must not cost the other steps
+                self.log(traceback.format_exc())
+                rec.update(status='failed', error=f'{type(e).__name__}: {str(e).strip()[:300]}')
+            rec['seconds'] = round(time.time() - t, 1)
+        self.steps.append(rec)
+        note = f': {rec["error"]}' if rec['error'] else ''
+        print(f'[device_check] {name}: {rec["status"]} ({rec["seconds"]} s){note}', flush=True)
+        self.write()
+
+    def python(self) -> List[str]:
+        return [sys.executable]
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # steps
+    # ---------------------------------------------------------------------------------------------------------------
+
+    def env(self) -> Dict:
+        import torch
+        import timm
+        info = dict(python=platform.python_version(), torch=torch.__version__, timm=timm.__version__,
+                    cuda=torch.version.cuda, device=self.device, dry_run=self.dry_run, host_cpus=os.cpu_count(),
+                    cpu_capability=torch.backends.cpu.get_cpu_capability())
+        if self.device == 'cuda':
+            info['gpu'] = torch.cuda.get_device_name(0)
+            info['gpu_count'] = torch.cuda.device_count()
+            info['capability'] = '.'.join(map(str, torch.cuda.get_device_capability(0)))
+            info['gpu_memory_gb'] = round(torch.cuda.get_device_properties(0).total_memory / 2 ** 30, 1)
+            if shutil.which('nvidia-smi'):
+                info['nvidia_smi'] = subprocess.run(
+                    ['nvidia-smi', '--query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit',
+                     '--format=csv,noheader'], capture_output=True, text=True).stdout.strip()
+        for mod in ('mmengine', 'mmcv', 'mmdet', 'mmseg'):
+            try:
+                info[mod] = __import__(mod).__version__
+            except Exception as e:  # the mm stack is optional for the classification steps
+                info[mod] = f'not importable ({type(e).__name__})'
+        return info
+
+    def correctness(self) -> Dict:
+        """Fused vs plain vs the released computation against the released code's logits (tests/data)."""
+        import copy
+
+        import timm
+        import torch
+
+        from scalablevit import ScalableViT
+        throughput = _load('throughput', REPO / 'benchmarks' / 'throughput.py')
+        reference = _load('scalablevit_test_reference', REPO / 'tests' / 'reference.py')
+        dev = torch.device(self.device)
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 here
+        torch.backends.cudnn.allow_tf32 = False
+        dtypes = ['fp32', 'bf16'] if self.dry_run else ['fp32', 'bf16', 'fp16']
+        amp = {'bf16': torch.bfloat16, 'fp16': torch.float16}
+        rows = []
+
+        def run(model, x, dtype):
+            with torch.no_grad(), torch.autocast(dev.type, dtype=amp.get(dtype, torch.float32),
+                                                 enabled=dtype != 'fp32'):
+                return model(x.to(dev)).float().cpu()
+
+        names = ['tiny'] if self.dry_run else ['tiny', 'scalable_vit_small']
+        for name in names:
+            data = reference.load_reference(name)
+            if name == 'tiny':
+                model = ScalableViT(**data['config'])
+            else:
+                model = timm.create_model(name)
+            reference.fill_by_name(model)
+            model.eval()
+            plain = copy.deepcopy(model)
+            plain.set_fused_attn(False)
+            released = throughput.make_reference(model)
+            x = reference.fixed_input(2, 224)
+            for path, m in (('fused', model), ('plain', plain), ('released', released)):
+                m.to(dev)
+                for dtype in dtypes:
+                    err = _rel_err(run(m, x, dtype), data['logits'])
+                    rows.append(dict(model=name, path=path, dtype=dtype, input='2x3x224x224', against='released logits',
+                                     rel_err=err, tol=TOLERANCE[dtype], ok=err <= TOLERANCE[dtype]))
+            # odd sizes (padding and masking; the released code has no such path): fused vs plain, same dtype
+            sizes = [(61, 83)] if self.dry_run else [(97, 131), (200, 150), (225, 333)]
+            for h, w in sizes:
+                x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(h * w))
+                for dtype in dtypes:
+                    err = _rel_err(run(model, x, dtype), run(plain, x, 'fp32'))
+                    rows.append(dict(model=name, path='fused', dtype=dtype, input=f'2x3x{h}x{w}', against='plain fp32',
+                                     rel_err=err, tol=TOLERANCE[dtype], ok=err <= TOLERANCE[dtype]))
+            del model, plain, released
+        bad = [r for r in rows if not r['ok']]
+        out = dict(rows=rows, tolerances=TOLERANCE)
+        if bad:
+            out.update(_failed=True, _error=f'{len(bad)} of {len(rows)} comparisons over tolerance, e.g. '
+                                            f'{bad[0]["model"]} {bad[0]["path"]} {bad[0]["dtype"]} {bad[0]["input"]}: '
+                                            f'{bad[0]["rel_err"]:.2e} > {bad[0]["tol"]:.0e}')
+        return out
+
+    def throughput(self, compiled: bool = False) -> Dict:
+        tag = 'compiled' if compiled else 'eager'
+        path = self.work / f'throughput_{tag}.json'
+        cmd = self.python() + [str(REPO / 'benchmarks' / 'throughput.py'), '--json', str(path)]
+        if self.dry_run:
+            cmd += ['--device', 'cpu', '--batch', '1', '--warmup', '0', '--repeats', '1', '--iters', '1']
+            if compiled:  # one small compile: optimize_for_inference on a two-stage model, no reference at 56 px
+                cmd += ['--models', 'scalable_vit_small', '--model-args', json.dumps(MICRO_ARGS), '--impl',
+                        'optimized', '--img-size', '56', '--dtype', 'fp32', '--mode', 'infer', '--no-mem']
+            else:  # bf16 autocast as on the GPU (fp32 rows are the CLI test's); the smallest PVTv2 as the peer
+                cmd += ['--models', 'scalable_vit_small', 'pvt_v2_b0', '--model-args', json.dumps(TINY_ARGS),
+                        '--dtype', 'bf16', '--mode', 'infer', 'train']
+        elif compiled:
+            cmd += ['--device', 'cuda', '--models', 'scalable_vit_small', 'swin_tiny_patch4_window7_224', '--impl',
+                    'fast', 'optimized', 'reference', 'timm', '--compile', 'yes', '--batch', '64', '--dtype', 'fp16',
+                    '--mode', 'infer', '--warmup', '5', '--repeats', '5', '--iters', '10', '--no-mem']
+        else:
+            cmd += ['--device', 'cuda', '--models', 'all', '--batch', '64', '--dtype', 'fp16', 'bf16', '--mode',
+                    'infer', 'train', '--warmup', '3', '--repeats', '3', '--iters', '5']
+        text = self.sh(cmd, timeout=900 if self.dry_run else (420 if compiled else 300))
+        rows = json.loads(path.read_text())
+        for r in rows:
+            r.pop('times_s', None)
+            r['run'] = tag
+        self.throughput_rows += rows
+        table = '\n'.join(line for line in text.splitlines() if line.startswith(('|', 'device ', 'GEMM limit'))
+                          or ' vs reference ' in line)
+        self.throughput_tables.append(table)
+        summary_path = path.with_suffix('.summary.json')
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+        return dict(rows=len(rows), summary=summary.get('summary', []), limits=summary.get('limits_gflop_per_s', {}))
+
+    def cls_train(self, amp_dtype: str) -> Dict:
+        out_dir = self.work / f'cls_{amp_dtype}'
+        shutil.rmtree(out_dir, ignore_errors=True)
+        cmd = self.python() + ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=1',
+                               'main.py', '--data-set', 'DIGITS', '--model', 'scalable_vit_small', '--epochs', '1',
+                               '--warmup-epochs', '0', '--mixup', '0', '--cutmix', '0', '--smoothing', '0',
+                               '--output_dir', str(out_dir), '--seed', '0']
+        if self.dry_run and amp_dtype == 'float16':
+            cmd += ['--no-amp']  # CPUs emulate fp16 about 50x slower than fp32: the dry run trains this one in fp32
+        else:
+            cmd += ['--amp', '--amp-dtype', amp_dtype]
+        if self.dry_run:
+            cmd += ['--device', 'cpu', '--model-kwargs', *CLS_TINY_KWARGS, '--input-size', '32', '--batch-size', '256',
+                    '--num_workers', '0', '--drop-path', '0']
+        else:
+            cmd += ['--input-size', '224', '--batch-size', '28', '--num_workers', '4', '--drop-path', '0.1']
+        t = time.time()
+        text = self.sh(cmd, cwd=REPO / 'classification', timeout=600 if self.dry_run else 240)
+        wall = time.time() - t
+        log = out_dir / 'log.txt'
+        if not log.is_file():
+            raise StepFailed(f'no {log.name} written in {out_dir}')
+        stats = json.loads(log.read_text().strip().splitlines()[-1])
+        steps = [int(n) for n in re.findall(r'Epoch: \[0\]\s*\[\s*\d+/(\d+)\]', text)]
+        out = dict(amp_dtype='float32' if '--no-amp' in cmd else amp_dtype, steps=max(steps) if steps else None, wall_s=round(wall, 1),
+                   train_loss=stats.get('train_loss'), test_acc1=stats.get('test_acc1'),
+                   backend='nccl' if self.device == 'cuda' else 'gloo')
+        if not (isinstance(out['train_loss'], float) and math.isfinite(out['train_loss'])):
+            out.update(_failed=True, _error=f'train_loss is {out["train_loss"]!r}')
+        return out
+
+    def cls_throughput(self) -> Dict:
+        out = {}
+        for model in ['scalable_vit_small', 'scalable_vit_base', 'scalable_vit_large']:
+            cmd = self.python() + ['main.py', '--throughput', '--model', model, '--output_dir', '']
+            if self.dry_run:
+                cmd += ['--device', 'cpu', '--model-kwargs', *CLS_TINY_KWARGS, '--input-size', '32', '--batch-size',
+                        '2', '--no-amp']
+                if model != 'scalable_vit_small':
+                    continue  # the tiny kwargs are one model; B and L differ only by name
+            else:
+                cmd += ['--batch-size', '64']
+            text = self.sh(cmd, cwd=REPO / 'classification', timeout=120)
+            found = re.findall(r'throughput: ([\d.]+) images/s(.*)', text)
+            if not found:
+                raise StepFailed(f'no "throughput: ... images/s" line from main.py --throughput --model {model}')
+            out[model] = dict(img_per_s=float(found[-1][0]), line=found[-1][1].strip()[:200])
+        return out
+
+    def mm_train(self, kind: str) -> Dict:
+        folder = REPO / ('detection' if kind == 'det' else 'segmentation')
+        work_dir = self.work / f'{kind}_train'
+        shutil.rmtree(work_dir, ignore_errors=True)
+        if kind == 'det':
+            self.sh(self.python() + ['tools/make_tiny_coco.py'], cwd=folder, timeout=120)
+            epochs = 1 if self.dry_run else 2  # 8 iterations per epoch (16 images, 2 per batch), then validation
+            opts = [f'train_cfg.max_epochs={epochs}', f'train_cfg.val_interval={epochs}']
+            config = DET_TINY
+        else:
+            self.sh(self.python() + ['tools/make_tiny_ade.py'], cwd=folder, timeout=120)
+            iters = 4 if self.dry_run else 10
+            opts = [f'train_cfg.max_iters={iters}', f'train_cfg.val_interval={iters}',
+                    f'default_hooks.checkpoint.interval={iters}']
+            config = SEG_TINY
+        text = self.sh(self.python() + ['train.py', config, '--work-dir', str(work_dir), '--cfg-options', *opts],
+                       cwd=folder, timeout=240)
+        iters_seen = re.findall(r'\[(\d+)/(\d+)\]', text)
+        times = [float(t) for t in re.findall(r'\btime: ([\d.]+)', text)]
+        metric = re.findall(r'(bbox_mAP|mIoU)\S*:\s*([\d.\-na]+)', text)
+        return dict(config=config, cfg_options=opts, last_iter=iters_seen[-1] if iters_seen else None,
+                    s_per_iter=times[-1] if times else None, metric=metric[-1] if metric else None)
+
+    def mm_fps(self, kind: str) -> Dict:
+        folder = REPO / ('detection' if kind == 'det' else 'segmentation')
+        if self.dry_run:
+            config, shape, iters = (DET_TINY if kind == 'det' else SEG_TINY), (64, 96), 2
+        else:
+            config, shape, iters = (DET_CONFIG, (800, 1333), 30) if kind == 'det' else (SEG_CONFIG, (512, 2048), 30)
+        cmd = self.python() + [str(Path(__file__).resolve()), '--fps', kind, '--config', str(folder / config),
+                               '--device', self.device, '--shape', str(shape[0]), str(shape[1]), '--iters', str(iters)]
+        text = self.sh(cmd, cwd=folder, timeout=240)
+        found = [line for line in text.splitlines() if line.startswith('FPS_RESULT ')]
+        if not found:
+            raise StepFailed('no FPS_RESULT line')
+        return json.loads(found[-1][len('FPS_RESULT '):])
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # results
+    # ---------------------------------------------------------------------------------------------------------------
+
+    def write(self):
+        result = dict(steps=self.steps, throughput_rows=self.throughput_rows, budget_s=self.budget_s,
+                      elapsed_s=round(time.time() - self.t0, 1), dry_run=self.dry_run, device=self.device)
+        (self.out / 'device_check.json').write_text(json.dumps(result, indent=1, default=str))
+        (self.out / 'device_check.md').write_text(self.markdown())
+
+    def markdown(self) -> str:
+        env = next((s['data'] for s in self.steps if s['name'] == 'env'), {})
+        lines = [f'# Device check{" (dry run on CPU)" if self.dry_run else ""}', '',
+                 f'Device: {env.get("gpu", env.get("device", "?"))}; torch {env.get("torch", "?")}, '
+                 f'CUDA {env.get("cuda", "-")}, timm {env.get("timm", "?")}, mmdet {env.get("mmdet", "-")}, '
+                 f'mmseg {env.get("mmseg", "-")}. Elapsed {time.time() - self.t0:.0f} s of a {self.budget_s:.0f} s '
+                 f'budget.', '', '| step | status | seconds | note |', '| --- | --- | --- | --- |']
+        for s in self.steps:
+            lines.append(f'| {s["name"]} | {s["status"]} | {s["seconds"]} | {(s["error"] or "").replace("|", "/")} |')
+        lines += ['', '## Targets (issue 14)', ''] + self._targets()
+        corr = next((s['data'] for s in self.steps if s['name'] == 'correctness' and s['data']), None)
+        if corr:
+            lines += ['', '## Correctness (max |out - ref| / max |ref| of the logits)', '',
+                      '| model | path | dtype | input | against | rel. error | tolerance | ok |',
+                      '| --- | --- | --- | --- | --- | --- | --- | --- |']
+            lines += [f'| {r["model"]} | {r["path"]} | {r["dtype"]} | {r["input"]} | {r["against"]} | '
+                      f'{r["rel_err"]:.2e} | {r["tol"]:.0e} | {"yes" if r["ok"] else "**no**"} |' for r in corr['rows']]
+        for name in ('cls_train_fp16', 'cls_train_bf16', 'cls_throughput', 'det_train', 'seg_train', 'det_fps',
+                     'seg_fps'):
+            s = next((s for s in self.steps if s['name'] == name and s['data']), None)
+            if s:
+                lines += ['', f'## {name}', '', '```', json.dumps(s['data'], indent=1, default=str), '```']
+        for table in self.throughput_tables:
+            lines += ['', '## Throughput (benchmarks/throughput.py)', '', table]
+        return '\n'.join(lines) + '\n'
+
+    def _targets(self) -> List[str]:
+        rows = [r for r in self.throughput_rows if r['run'] == 'eager']
+        if not rows:
+            return ['No throughput rows (step skipped or failed).']
+
+        def get(model, impl, mode, dtype='fp16'):
+            return next((r for r in rows if r['model'] == model and r['impl'] == impl and r['mode'] == mode
+                         and r['dtype'] == dtype), None)
+
+        out = []
+        s = 'scalable_vit_small'
+        for dtype in ('fp16', 'bf16', 'fp32'):
+            fi, ri = get(s, 'fast', 'infer', dtype), get(s, 'reference', 'infer', dtype)
+            ft, rt = get(s, 'fast', 'train', dtype), get(s, 'reference', 'train', dtype)
+            if fi and ri:
+                x = fi['img_per_s'] / ri['img_per_s']
+                out.append(f'- S {dtype} inference vs reference: {x:.2f}x (target >= 1.5x: {"met" if x >= 1.5 else "missed"})')
+            if ft and rt:
+                x = ft['img_per_s'] / rt['img_per_s']
+                out.append(f'- S {dtype} training step vs reference: {x:.2f}x (target >= 1.3x: '
+                           f'{"met" if x >= 1.3 else "missed"})')
+                if ft.get('peak_mem_mb') and rt.get('peak_mem_mb'):
+                    m = ft['peak_mem_mb'] / rt['peak_mem_mb']
+                    out.append(f'- S {dtype} training peak memory vs reference: {m:.2f}x (target <= 0.7x: '
+                               f'{"met" if m <= 0.7 else "missed"})')
+            sw = get('swin_tiny_patch4_window7_224', 'timm', 'infer', dtype)
+            if fi and sw:
+                out.append(f'- S vs Swin-T, {dtype} inference batch {fi["batch"]}: {fi["img_per_s"]:.0f} vs '
+                           f'{sw["img_per_s"]:.0f} img/s ({"ahead" if fi["img_per_s"] > sw["img_per_s"] else "behind"})')
+        return out or ['No ScalableViT-S fast/reference pairs among the rows.']
+
+
+def _text(x) -> str:
+    return x.decode(errors='replace') if isinstance(x, bytes) else (x or '')
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _rel_err(a, b) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
+
+
+# -------------------------------------------------------------------------------------------------------------------
+# --fps: inference speed of an mmdet / mmseg model (random weights), in its own process (one default scope each)
+# -------------------------------------------------------------------------------------------------------------------
+
+def fps_main(kind: str, config: str, device: str, shape: Sequence[int], iters: int):
+    """Images/s of ``model.test_step`` on one preprocessed image (the model, as mmdet's benchmark tool times it)."""
+    import numpy as np
+    import torch
+    from mmengine.config import Config
+
+    cfg = Config.fromfile(config)
+    cfg.model.backbone.init_cfg = None  # random weights: speed only
+    img = np.random.default_rng(0).integers(0, 256, (shape[0], shape[1], 3), dtype=np.uint8)
+    if kind == 'det':
+        from mmcv.transforms import Compose
+        from mmdet.apis import init_detector
+        from mmdet.utils import get_test_pipeline_cfg
+        model = init_detector(cfg, None, device=device)
+        pipeline_cfg = get_test_pipeline_cfg(cfg)
+        pipeline_cfg[0].type = 'mmdet.LoadImageFromNDArray'
+        packed = Compose(pipeline_cfg)(dict(img=img, img_id=0))
+        data = dict(inputs=[packed['inputs']], data_samples=[packed['data_samples']])
+    else:
+        from mmseg.apis import init_model
+        from mmseg.apis.inference import _preprare_data
+        model = init_model(cfg, None, device=device)
+        data, _ = _preprare_data(img, model)
+    model.eval()
+    result = dict(config=os.path.basename(config), image=f'{shape[0]}x{shape[1]}', device=device, iters=iters)
+    for dtype in (['fp32', 'fp16'] if device == 'cuda' else ['fp32']):
+        ctx = torch.autocast('cuda', dtype=torch.float16) if dtype == 'fp16' else torch.autocast('cpu', enabled=False)
+        times = []
+        with torch.no_grad(), ctx:
+            for i in range(iters + max(2, iters // 5)):
+                if device == 'cuda':
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                out = model.test_step(data)
+                if device == 'cuda':
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t)
+        times = sorted(times[max(2, iters // 5):])
+        result[f'{dtype}_fps'] = round(1 / times[len(times) // 2], 2)
+        if device == 'cuda':
+            result[f'{dtype}_peak_mem_mb'] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
+    result['input_shape'] = list(out[0].metainfo.get('img_shape', ()))
+    print('FPS_RESULT ' + json.dumps(result), flush=True)
+
+
+def main(argv: Optional[Sequence[str]] = None):
+    parser = argparse.ArgumentParser(description='One-shot GPU check of ScalableViT (see the module docstring).')
+    parser.add_argument('--out', default=None,
+                        help='results folder (default: $OUT, else benchmarks/results/device_check-<time>)')
+    parser.add_argument('--work', default=None, help='scratch folder (default: a temporary folder, removed)')
+    parser.add_argument('--dry-run', action='store_true', help='every step on CPU with tiny sizes (CI)')
+    parser.add_argument('--budget-s', type=float, default=450., help='time budget; steps that do not fit are skipped')
+    parser.add_argument('--only', nargs='+', default=None, help='run only these steps')
+    parser.add_argument('--fps', choices=['det', 'seg'], help=argparse.SUPPRESS)
+    parser.add_argument('--config', help=argparse.SUPPRESS)
+    parser.add_argument('--device', default=None, help=argparse.SUPPRESS)
+    parser.add_argument('--shape', type=int, nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument('--iters', type=int, default=20, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.fps:
+        return fps_main(args.fps, args.config, args.device, args.shape, args.iters)
+
+    import torch
+    device = 'cpu' if args.dry_run else 'cuda'
+    if device == 'cuda' and not torch.cuda.is_available():
+        raise SystemExit('device_check: no CUDA device visible (torch.cuda.is_available() is False); '
+                         'use --dry-run for the CPU rehearsal')
+    out = Path(args.out or os.environ.get('OUT') or REPO / 'benchmarks' / 'results' /
+               f'device_check-{time.strftime("%Y%m%d-%H%M%S")}')
+    tmp = None if args.work else tempfile.mkdtemp(prefix='device_check_')
+    work = Path(args.work or tmp)
+    check = DeviceCheck(out, work, args.dry_run, device, args.budget_s, args.only)
+    print(f'[device_check] {"dry run on CPU" if args.dry_run else "CUDA"}; results in {out}', flush=True)
+    try:
+        # most important first: what is left when the budget runs out is what a later run can do with --only
+        check.step('env', 1, check.env)
+        check.step('correctness', 30, check.correctness)
+        check.step('throughput', 150, check.throughput)
+        check.step('cls_train_fp16', 45, lambda: check.cls_train('float16'))
+        check.step('cls_train_bf16', 45, lambda: check.cls_train('bfloat16'))
+        check.step('det_train', 50, lambda: check.mm_train('det'))
+        check.step('seg_train', 35, lambda: check.mm_train('seg'))
+        check.step('det_fps', 30, lambda: check.mm_fps('det'))
+        check.step('seg_fps', 30, lambda: check.mm_fps('seg'))
+        check.step('cls_throughput', 45, check.cls_throughput)
+        check.step('throughput_compiled', 200, lambda: check.throughput(compiled=True))
+    finally:
+        check.write()
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    failed = [s['name'] for s in check.steps if s['status'] == 'failed']
+    print(f'[device_check] done in {time.time() - check.t0:.0f} s; {len(check.steps)} steps, failed: '
+          f'{", ".join(failed) or "none"}; see {out / "device_check.md"}', flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
