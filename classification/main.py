@@ -322,7 +322,8 @@ def main(args: argparse.Namespace):
     resume = args.resume
     if resume == 'auto':
         resume = utils.find_resume_checkpoint(output_dir)
-        _logger.info(f'--resume auto: {f"resuming from {resume}" if resume else f"no checkpoint in {output_dir}; starting fresh"}')
+        _logger.info(f'--resume auto: resuming from {resume}' if resume else
+                     f'--resume auto: no checkpoint in {output_dir}; starting fresh')
 
     if args.throughput:
         args.nb_classes = 1000

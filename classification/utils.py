@@ -314,7 +314,8 @@ def _write_failure(path: str, folder: str, need: int, error: Exception) -> str:
         free = shutil.disk_usage(folder).free
     except OSError:
         free = None
-    if (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)) or (free is not None and free < need):
+    no_space = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+    if no_space or (free is not None and free < need):
         have = f', {free / 2 ** 20:.0f} MB free' if free is not None else ''
         return (f'disk full: writing {path} needs about {need / 2 ** 20:.0f} MB{have} in {folder}; {previous}. '
                 f'Free some space (or point --output_dir elsewhere) and rerun with --resume auto')

@@ -131,6 +131,7 @@ def test_released_commands_parse(cls):
     assert kw.model_kwargs['depths'] == (2, 2) and kw.model_kwargs['mlp_head'] is False
 
 
+@pytest.mark.slow
 def test_digits_end_to_end_and_eval_reproduces(tmp_path):
     out = tmp_path / 'digits'
     r = run_script([*TINY, *DIGITS, *NO_MIX, '--epochs', '3', '--output_dir', out])
@@ -155,6 +156,7 @@ def test_digits_end_to_end_and_eval_reproduces(tmp_path):
     assert 'on 360 images' in r.stdout
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(cls, tmp_path, monkeypatch):
     common = [*TINY, *DIGITS, '--epochs', '2', '--model-ema', '--model-ema-decay', '0.9', '--drop-path', '0.1']
     full = tmp_path / 'full'
@@ -207,6 +209,7 @@ def test_torchrun_two_processes_gloo_dist_eval(tmp_path, free_port):
     assert f'* Acc@1 {log[0]["test_acc1"]:.3f}' in r.stdout and 'on 360 images' in r.stdout
 
 
+@pytest.mark.slow
 def test_bad_data_path_is_a_clear_error(cls, tmp_path):
     r = run_script(['--data-path', tmp_path / 'nowhere', '--num_workers', '0'])
     assert r.returncode == 1

@@ -171,7 +171,7 @@ def test_released_lr_sequence_and_resume_auto(cls, tmp_path):
     np.testing.assert_allclose([s.value for s in events.Scalars('train/lr')], lrs, rtol=1e-6)
 
 
-def test_signal_stops_after_the_step_and_resumes_exactly(cls, tmp_path):
+def test_signal_stops_after_the_step_and_resumes_exactly(cls, tmp_path, monkeypatch):
     """SIGUSR1 (SLURM's warning signal) during step 2 of epoch 1: the step finishes, checkpoint.pth records the
     place, the run returns; --resume auto continues mid-epoch and ends with the weights of a run that never
     stopped."""
@@ -179,30 +179,27 @@ def test_signal_stops_after_the_step_and_resumes_exactly(cls, tmp_path):
     common = [*FOLDER_ARGS, '--data-path', tmp_path / 'data', '--epochs', '2', '--num_workers', '1']
     full = cls.main(parse(cls, [*common, '--output_dir', tmp_path / 'full']))['model'].state_dict()
 
-    engine = sys.modules['engine']
-    real = engine.train_one_epoch
-    sent = []
+    real = cls.train_one_epoch
 
-    def signal_during_step(model, *a, **k):
+    def signal_during_third_step_of_epoch_1(model, *a, **k):
+        if a[4] != 1:  # a[4]: the epoch
+            return real(model, *a, **k)
+        forwards = []
+
         def hook(module, inputs, output):
-            if not sent and a[4] == 1 and module.training:  # epoch 1, first forward after two steps
-                sent.append(1)
+            forwards.append(1)
+            if len(forwards) == 3:
                 os.kill(os.getpid(), signal.SIGUSR1)
-        if len(sent) == 0 and a[4] == 1:
-            calls = []
-            handle = model.register_forward_hook(lambda m, i, o: calls.append(1) or (hook(m, i, o) if len(calls) == 3 else None))
-            try:
-                return real(model, *a, **k)
-            finally:
-                handle.remove()
-        return real(model, *a, **k)
 
-    engine.train_one_epoch = signal_during_step
-    sys.modules['main'].train_one_epoch = signal_during_step
-    try:
-        result = cls.main(parse(cls, [*common, '--output_dir', tmp_path / 'part']))
-    finally:
-        sys.modules['main'].train_one_epoch = real
+        handle = model.register_forward_hook(hook)
+        try:
+            return real(model, *a, **k)
+        finally:
+            handle.remove()
+
+    monkeypatch.setattr(cls, 'train_one_epoch', signal_during_third_step_of_epoch_1)
+    result = cls.main(parse(cls, [*common, '--output_dir', tmp_path / 'part']))
+    monkeypatch.setattr(cls, 'train_one_epoch', real)
     assert result['stopped'] == (1, 3)  # epoch 1, three of its six steps done
     ckpt = torch.load(tmp_path / 'part' / 'checkpoint.pth', weights_only=True)
     assert (ckpt['epoch'], ckpt['resume_step']) == (0, 3)
