@@ -5,26 +5,49 @@
 
 FLOPs follow the papers' convention (one multiply-add = one FLOP, as fvcore counts them) and are measured with
 ``torch.utils.flop_counter`` on the plain attention path, so every matmul is seen: convolutions, linears and
-the attention products. Norms, activations and softmax are not counted (as in fvcore). :func:`count_macs` is
-the one counter of the project: ``detection/get_flops.py`` and ``segmentation/get_flops.py`` use it too.
+the attention products. Norms, activations and softmax are not counted (as in fvcore).
+
+:func:`count_macs` is the one counter of the project, for the backbone and for whole detectors and segmentors
+(``detection/get_flops.py``, ``segmentation/get_flops.py``, ``benchmarks/throughput.py`` use it):
+
+    macs = count_macs(model, 224)                                    # a zero batch of one 224x224 image
+    macs = count_macs(model, (800, 1280))                            # (H, W)
+    macs = count_macs(detector, lambda: detector(x, [sample], mode='tensor'))  # any forward pass
+    macs.total, macs.without_attention, macs.attention               # multiply-adds
 """
 import argparse
 import logging
 from contextlib import contextmanager
-from typing import Any, Callable, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
+__all__ = ['MacCount', 'PUBLISHED', 'count_macs', 'count_params', 'describe', 'plain_attention', 'table']
+
 _logger = logging.getLogger(__name__)
 
-# Published numbers (paper / seed README) and the released code's parameter counts, for the table.
+# Published numbers (paper / released README) and the released code's parameter counts, for the table.
 PUBLISHED = {
     'scalable_vit_small': dict(params_m=32.4, gflops=4.2, top1=83.1, released_params_m=32.00),
     'scalable_vit_base': dict(params_m=81.9, gflops=8.6, top1=84.1, released_params_m=81.88),
     'scalable_vit_large': dict(params_m=104.9, gflops=14.7, top1=84.4, released_params_m=109.29),
 }
+
+
+class MacCount(NamedTuple):
+    """Multiply-adds of one forward pass: ``total`` and, of those, the ``attention`` products.
+
+    Counters of the mmcv 1.x era (the detection and segmentation tables of the paper and its peers, and the
+    classification FLOPs of many papers) did not see the attention products: ``without_attention`` is that number.
+    """
+    total: int
+    attention: int
+
+    @property
+    def without_attention(self) -> int:
+        return self.total - self.attention
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
@@ -45,14 +68,44 @@ def plain_attention(model: nn.Module):
 
 
 @torch.no_grad()
-def count_macs(model: nn.Module, run: Callable[[], Any]) -> Tuple[int, int]:
-    """(all multiply-adds, of which attention products) of ``run()``, a forward pass of ``model``, in eval mode.
+def count_macs(
+        model: nn.Module,
+        inputs: Union[int, Tuple[int, int], torch.Tensor, Callable[[], Any]] = 224,
+        in_chans: int = 3,
+) -> MacCount:
+    """Multiply-adds of one forward pass of ``model`` in eval mode, with attention on the plain path.
 
-    Attention runs on the plain path, where its two products (``q @ k^T``, ``attn @ v``) are the only batched
-    matmuls (``aten.bmm``); convolutions and linears go through convolution / mm / addmm. Counters of the
-    mmcv 1.x era (the detection and segmentation tables of the paper and its peers) did not see the attention
-    products, so both numbers are returned.
+    Args:
+        model: any module; it is put in eval mode (and back), and every ``fused_attn`` flag is switched off for
+            the count, so that the attention products are seen.
+        inputs: the image size of a zero batch of one image (``int`` or ``(H, W)``) passed as ``model(x)``; or
+            that batch itself (a tensor); or a callable without arguments that runs the forward pass (for models
+            whose forward takes more than images, e.g. ``lambda: detector(x, [sample], mode='tensor')``).
+        in_chans: channels of the zero batch.
+
+    Returns:
+        ``MacCount(total, attention)``; ``.without_attention`` is ``total - attention``.
+
+    On the plain path the two attention products (``q @ k^T``, ``attn @ v``) are the only batched matmuls
+    (``aten.bmm``); convolutions and linears go through convolution / mm / addmm.
     """
+    if callable(inputs) and not isinstance(inputs, torch.Tensor):
+        run = inputs
+    else:
+        if isinstance(inputs, torch.Tensor):
+            x = inputs
+        else:
+            size = (inputs, inputs) if isinstance(inputs, int) else tuple(inputs)
+            if len(size) != 2:
+                raise ValueError(f'inputs must be an int, (H, W), a tensor or a callable, got {inputs!r}')
+            param = next(model.parameters(), None)
+            device = param.device if param is not None else None
+            dtype = param.dtype if param is not None and param.is_floating_point() else None
+            x = torch.zeros(1, in_chans, *size, device=device, dtype=dtype)
+
+        def run():
+            return model(x)
+
     was_training = model.training
     model.eval()
     try:
@@ -61,56 +114,52 @@ def count_macs(model: nn.Module, run: Callable[[], Any]) -> Tuple[int, int]:
     finally:
         model.train(was_training)
     ops = {str(op): n // 2 for op, n in counter.get_flop_counts().get('Global', {}).items()}
-    return sum(ops.values()), ops.get('aten.bmm', 0)
-
-
-def count_flops(
-        model: nn.Module,
-        input_size: Union[int, Tuple[int, int]] = 224,
-        in_chans: int = 3,
-        device: Optional[Union[str, torch.device]] = None,
-) -> int:
-    """Multiply-adds of one forward pass on one image of ``input_size`` (int or (H, W))."""
-    if isinstance(input_size, int):
-        input_size = (input_size, input_size)
-    if device is None:
-        device = next(model.parameters()).device
-    x = torch.zeros(1, in_chans, *input_size, device=device)
-    return count_macs(model, lambda: model(x))[0]
+    return MacCount(total=sum(ops.values()), attention=ops.get('aten.bmm', 0))
 
 
 def describe(model: nn.Module, input_size: Union[int, Tuple[int, int]] = 224, in_chans: int = 3) -> str:
     """One line: parameters (M) and GFLOPs at ``input_size``; used by the training scripts at start-up."""
     size = input_size if isinstance(input_size, int) else 'x'.join(map(str, input_size))
     return (f'params: {count_params(model) / 1e6:.2f}M, '
-            f'FLOPs at {size}: {count_flops(model, input_size, in_chans) / 1e9:.2f}G')
+            f'FLOPs at {size}: {count_macs(model, input_size, in_chans).total / 1e9:.2f}G')
 
 
 def table(models: Sequence[str], img_size: int = 224) -> str:
+    """The README's table for ``models`` (any timm names); '-' where no published or released figure exists."""
     import timm
 
     import scalablevit  # noqa: F401  (registers the entry points)
 
-    rows = ['| model | params (M) | released code (M) | published (M) | GFLOPs | GFLOPs without attention products '
-            '| published GFLOPs |', '| --- | --- | --- | --- | --- | --- | --- |']
+    rows = ['| model | params, ours (M) | params, released code (M) | params, published (M) | GFLOPs, ours '
+            '| GFLOPs, ours without attention products | GFLOPs, published | top-1, published |',
+            '| --- | --- | --- | --- | --- | --- | --- | --- |']
     for name in models:
         model = timm.create_model(name)
-        x = torch.zeros(1, 3, img_size, img_size)
-        total, attention = count_macs(model, lambda: model(x))
-        pub = {k: f'{v:g}' for k, v in PUBLISHED.get(name, {}).items()}
+        macs = count_macs(model, img_size)
+        known = PUBLISHED.get(name, {})
+        pub = {k: f'{known[k]:.2f}' if k == 'released_params_m' else f'{known[k]:g}' for k in known}
         rows.append(
-            f'| {name} | {count_params(model) / 1e6:.2f} | {PUBLISHED[name]["released_params_m"]:.2f} | '
-            f'{pub.get("params_m", "-")} | {total / 1e9:.2f} | {(total - attention) / 1e9:.2f} | '
-            f'{pub.get("gflops", "-")} |')
+            f'| {name} | {count_params(model) / 1e6:.2f} | {pub.get("released_params_m", "-")} | '
+            f'{pub.get("params_m", "-")} | {macs.total / 1e9:.2f} | {macs.without_attention / 1e9:.2f} | '
+            f'{pub.get("gflops", "-")} | {pub.get("top1", "-")} |')
     return '\n'.join(rows)
 
 
 def main(argv: Optional[Sequence[str]] = None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--models', nargs='+', default=list(PUBLISHED))
+    parser.add_argument('--models', nargs='+', default=list(PUBLISHED),
+                        help='timm model names (default: the three ScalableViT sizes)')
     parser.add_argument('--img-size', type=int, default=224)
     args = parser.parse_args(argv)
-    print(f'ScalableViT at {args.img_size}x{args.img_size} (FLOPs = multiply-adds)')
+    import timm
+
+    import scalablevit  # noqa: F401
+
+    unknown = [m for m in args.models if not timm.is_model(m)]
+    if unknown:
+        parser.error(f'unknown model(s): {", ".join(unknown)}; choose from timm.list_models() (ScalableViT: '
+                     f'{", ".join(PUBLISHED)})')
+    print(f'Parameters and FLOPs (multiply-adds) at {args.img_size}x{args.img_size}')
     print(table(args.models, args.img_size))
 
 

@@ -10,7 +10,7 @@ from timm.optim._param_groups import param_groups_layer_decay
 
 import scalablevit
 from scalablevit import InteractiveWindowAttention, ScalableViT
-from scalablevit.info import count_flops, count_params
+from scalablevit.info import count_macs, count_params
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -79,20 +79,39 @@ def test_param_counts_of_released_code(name, params):
 
 
 def test_info_tool_prints_table():
-    out = subprocess.run([sys.executable, '-m', 'scalablevit.info', '--models', 'scalable_vit_small'],
+    out = subprocess.run([sys.executable, '-m', 'scalablevit.info', '--models', 'scalable_vit_small', 'test_vit'],
                          capture_output=True, text=True, check=True).stdout
-    row = next(line for line in out.splitlines() if line.startswith('| scalable_vit_small'))
-    cells = [c.strip() for c in row.strip('|').split('|')]
-    assert cells[1] == '32.00'  # ours
-    assert cells[3] == '32.4'  # published
-    assert 4.0 < float(cells[4]) < 4.5  # GFLOPs (multiply-adds) at 224; published 4.2
+    rows = {line.split('|')[1].strip(): [c.strip() for c in line.strip('|').split('|')]
+            for line in out.splitlines() if line.startswith('| ') and not line.startswith('| model')}
+    cells = rows['scalable_vit_small']
+    assert cells[1] == '32.00' and cells[2] == '32.00'  # ours, the released code's
+    assert cells[3] == '32.4' and cells[6] == '4.2' and cells[7] == '83.1'  # published
+    assert 4.0 < float(cells[5]) < float(cells[4]) < 4.5  # GFLOPs (multiply-adds) at 224, without / with attention
+    other = rows['test_vit']  # no published row: its own figures, '-' for the rest
+    assert float(other[1]) > 0 and other[2] == other[3] == other[6] == other[7] == '-'
 
 
-def test_flops_scale_with_input():
+def test_info_tool_rejects_unknown_model(capsys):
+    from scalablevit.info import main
+    with pytest.raises(SystemExit) as e:
+        main(['--models', 'scalable_vit_tiny'])
+    assert e.value.code == 2
+    assert 'unknown model(s): scalable_vit_tiny' in capsys.readouterr().err
+
+
+def test_count_macs_inputs_and_convention():
     model = timm.create_model('scalable_vit_small', **dict(
         embed_dims=(32, 64, 96, 128), num_heads=(1, 2, 3, 4), depths=(1, 1, 1, 1)))
-    f224, f448 = count_flops(model, 224), count_flops(model, 448)
-    assert f224 > 0 and 3.5 < f448 / f224 < 5.0  # ~4x pixels; windowed attention keeps it near-linear
+    m224, m448 = count_macs(model, 224), count_macs(model, (448, 448))
+    assert m224.total > m224.without_attention > 0 and m224.attention == m224.total - m224.without_attention
+    assert 3.5 < m448.total / m224.total < 5.0  # ~4x pixels; windowed attention keeps it near-linear
+    x = torch.zeros(1, 3, 224, 224)
+    assert count_macs(model, x) == m224 == count_macs(model, lambda: model(x))
+    assert model.training and model.stages[0][0].attn.fused_attn  # mode and attention path restored
+    # attention products on their own: one IWSA (two 49x49 window products per window) at 14x14, C=16
+    attn = InteractiveWindowAttention(16, num_heads=2, ws=7)
+    macs = count_macs(attn, lambda: attn(torch.zeros(1, 196, 16), (14, 14)))
+    assert macs.attention == 2 * 4 * 49 * 49 * 16  # 2 products x 4 windows x 49 queries x 49 keys x C
 
 
 # ---------------------------------------------------------------------------------------------------------------
