@@ -1,5 +1,8 @@
 """Train a detector: ``python train.py configs/X.py [--resume [CKPT]] [--amp] [--cfg-options k=v ...]``.
 
+Your own COCO-format data: ``--data-root DIR --classes a,b,c`` (README, "Your own data set"); from scratch:
+``--no-pretrained``.
+
 Several processes: ``bash dist_train.sh configs/X.py GPUS``. Logs and checkpoints go to ``work_dirs/<config>/``.
 """
 import os.path as osp

@@ -6,98 +6,32 @@ mmseg's registries search through their parent, so detection and segmentation sh
 classification model (a subclass of :class:`scalablevit.ScalableViT`), so its parameter names are the
 released checkpoint's and an ImageNet checkpoint loads by name.
 
-Importing also makes mmengine usable on today's torch and on CPU (no effect on a CUDA machine's behaviour):
-
-* ``torch.load`` defaults to ``weights_only=True`` since torch 2.6; mmengine's own checkpoints carry a few
-  non-tensor objects (``HistoryBuffer``, numpy arrays and scalars). They are allow-listed one by one with
-  ``torch.serialization.add_safe_globals``; the safety is never turned off.
-* mmengine's PyTorch launcher always calls ``torch.cuda.set_device``; without CUDA it now initialises gloo.
+The module only defines and registers; it patches nothing. The fixes that make mmengine run on today's torch and on
+CPU live in :mod:`scalablevit.mm_compat`, which the command-line code and the configs' ``custom_imports`` import
+explicitly; a checkpoint that does not fit is reported by :mod:`scalablevit.checkpoint`, as everywhere else.
 """
 import logging
-import os
 from typing import Dict, Optional, Sequence, Union
 
 import torch
-import torch.distributed as torch_dist
 import torch.nn as nn
 
+from .checkpoint import CheckpointMismatchError, check_state_dict, load_checkpoint
 from .model import MODEL_ARGS, ScalableViT, unwrap_state_dict
 
 try:
     import mmengine
-    from mmengine.dist import utils as _mm_dist_utils
     from mmengine.registry import MODELS
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError(
         'scalablevit.mm needs the OpenMMLab stack (mmengine, mmcv with compiled ops, mmdet/mmseg); '
         'install it with `bash install.sh` from the repository root') from e
 
-__all__ = ['ScalableViTBackbone', 'ARCH_ALIASES', 'CheckpointMismatchError', 'adapt_cfg_to_device',
-           'load_pretrained']
+__all__ = ['ScalableViTBackbone', 'ARCH_ALIASES', 'CheckpointMismatchError', 'load_pretrained']
 
 _logger = logging.getLogger(__name__)
 
 ARCH_ALIASES = {'s': 'scalable_vit_small', 'b': 'scalable_vit_base', 'l': 'scalable_vit_large'}
-
-
-class CheckpointMismatchError(KeyError):
-    """A checkpoint whose keys or shapes do not fit the backbone; the message lists them."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-
-def _allow_mmengine_checkpoints():
-    """Allow-list exactly what mmengine checkpoints (message hub, numpy state) need under weights_only."""
-    import numpy as np
-    from mmengine.logging.history_buffer import HistoryBuffer
-
-    safe = [HistoryBuffer, np.ndarray, np.dtype, getattr]
-    safe += [type(np.dtype(t)) for t in ('bool', 'int8', 'int16', 'int32', 'int64', 'uint8', 'float16',
-                                         'float32', 'float64')]
-    core = getattr(np, '_core', None) or np.core
-    safe += [core.multiarray.scalar, core.multiarray._reconstruct]
-    torch.serialization.add_safe_globals(safe)
-
-
-def _init_dist_pytorch_any_device(backend: str, init_backend: str = 'torch', **kwargs) -> None:
-    """mmengine's PyTorch launcher, but gloo and no ``cuda.set_device`` when there is no GPU."""
-    if torch.cuda.is_available() or init_backend != 'torch':
-        return _orig_init_dist_pytorch(backend, init_backend=init_backend, **kwargs)
-    torch_dist.init_process_group(backend='gloo', **kwargs)
-
-
-_allow_mmengine_checkpoints()
-if _mm_dist_utils._init_dist_pytorch is not _init_dist_pytorch_any_device:
-    _orig_init_dist_pytorch = _mm_dist_utils._init_dist_pytorch
-    _mm_dist_utils._init_dist_pytorch = _init_dist_pytorch_any_device
-
-
-def adapt_cfg_to_device(cfg, device: Optional[str] = None):
-    """Make a GPU config run on CPU when there is no GPU (gloo, DDP without device ids, BN for SyncBN).
-
-    Shared by ``detection/train.py|test.py`` and ``segmentation/train.py|test.py``; does nothing on CUDA.
-    """
-    device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    if device != 'cpu':
-        return cfg
-    cfg.setdefault('env_cfg', {}).setdefault('dist_cfg', {})['backend'] = 'gloo'
-    cfg.model_wrapper_cfg = dict(
-        type='MMDistributedDataParallel', device_ids=None, broadcast_buffers=False,
-        find_unused_parameters=cfg.get('find_unused_parameters', False))
-
-    def _no_sync_bn(node):
-        if isinstance(node, dict):
-            if node.get('type') == 'SyncBN':
-                node['type'] = 'BN'
-            for v in node.values():
-                _no_sync_bn(v)
-        elif isinstance(node, (list, tuple)):
-            for v in node:
-                _no_sync_bn(v)
-
-    _no_sync_bn(cfg.model)
-    return cfg
 
 
 def _arch_args(arch: Union[str, Dict]) -> Dict:
@@ -115,16 +49,16 @@ def load_pretrained(model: ScalableViT, checkpoint: Union[str, Dict], prefix: st
 
     The classification head and final norm are dropped (the backbone has none); weights of stages the backbone
     does not build (``out_indices`` stops early) are skipped. Anything else missing or unexpected, or of the
-    wrong shape, raises naming the keys; nothing is half-loaded silently.
+    wrong shape, raises :class:`scalablevit.checkpoint.CheckpointMismatchError` naming the keys (a missing or
+    unreadable file: :class:`scalablevit.checkpoint.CheckpointError`); nothing is half-loaded silently.
 
     Returns:
         ``dict(dropped=[...], skipped=[...], missing=[...])`` (``missing``: keys the backbone initialises itself,
         its output norms).
     """
+    source = checkpoint if isinstance(checkpoint, str) else 'given as a dict'
     if isinstance(checkpoint, str):
-        if not os.path.isfile(checkpoint):
-            raise FileNotFoundError(f'pretrained checkpoint not found: {checkpoint}')
-        checkpoint = torch.load(checkpoint, map_location='cpu', weights_only=True)
+        checkpoint = load_checkpoint(checkpoint)
     state_dict = unwrap_state_dict(checkpoint)
     if prefix:
         state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
@@ -141,20 +75,8 @@ def load_pretrained(model: ScalableViT, checkpoint: Union[str, Dict], prefix: st
             skipped.append(k)
             continue
         load[k] = v
-    unexpected = sorted(set(load) - set(own))
-    missing = sorted(k for k in set(own) - set(load) if not k.startswith('out_norms.'))
-    wrong_shape = sorted(k for k in set(load) & set(own) if load[k].shape != own[k].shape)
-    if unexpected or missing or wrong_shape:
-        lines = ['checkpoint does not fit the ScalableViT backbone:']
-        if missing:
-            lines.append(f'  missing keys ({len(missing)}): {", ".join(missing[:20])}{" ..." * (len(missing) > 20)}')
-        if unexpected:
-            lines.append(f'  unexpected keys ({len(unexpected)}): {", ".join(unexpected[:20])}'
-                         f'{" ..." * (len(unexpected) > 20)}')
-        for k in wrong_shape[:20]:
-            lines.append(f'  {k}: checkpoint {tuple(load[k].shape)} vs backbone {tuple(own[k].shape)}')
-        lines.append('  (is this a ScalableViT checkpoint of the same size as `arch`?)')
-        raise CheckpointMismatchError('\n'.join(lines))
+    check_state_dict(model, load, source, allow_missing=('out_norms.',),
+                     hint='is it an ImageNet ScalableViT checkpoint of the size given by `arch`?')
     result = model.load_state_dict(load, strict=False)
     return dict(dropped=dropped, skipped=skipped, missing=sorted(result.missing_keys))
 

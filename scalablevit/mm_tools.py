@@ -5,22 +5,33 @@
 
 What these add to mmdet's and mmseg's own ``tools/train.py`` / ``tools/test.py``:
 
-* the same config runs on CPU with no edits (gloo, DDP without device ids, BN for SyncBN; see
-  :func:`scalablevit.mm.adapt_cfg_to_device`);
+* the same config runs on CPU with no edits (gloo, DDP without device ids, SyncBN over gloo; see
+  :func:`adapt_cfg_to_device` and :mod:`scalablevit.mm_compat`, the one module of compatibility patches);
+* your own data set: ``--data-root DIR``, ``--classes a,b,c``, ``--no-pretrained``, with start-up checks that name
+  the problem in one line (:mod:`scalablevit.mm_data`); ``test.py`` refuses a checkpoint that does not fit the
+  config's model and says so when a detector found nothing above its score threshold (``--score-thr``);
 * the seed README's old flags are accepted: ``--eval mAP`` / ``--eval mIoU`` (3.x/1.x evaluate with the config's
   ``test_evaluator``; the flag is noted, not an error) and ``--aug-test`` (= ``--tta``);
 * work dirs default to ``<task>/work_dirs/<config name>`` whatever the current directory;
-* a missing config, checkpoint or data folder, or mmcv without its compiled ops, is a one-line error.
+* training at the user's scale: ``--grad-accum-steps N`` (``optim_wrapper.accumulative_counts``, iteration counts
+  read as optimizer steps), ``--amp-dtype bfloat16``, ``--tensorboard``, the effective batch in the log; test
+  pictures with ``--show-dir`` (mmdet's / mmseg's visualization hooks); see :func:`_apply_scale_args`;
+* a missing config, checkpoint or data folder, or mmcv without its compiled ops, is a one-line error, printed by
+  one process under torchrun (``tools/dist_run.sh`` runs the checks once with ``--preflight`` before starting the
+  processes).
 """
 import argparse
 import logging
 import os
 import os.path as osp
+import sys
+import time
 from typing import Callable, List, Optional, Sequence
 
 __all__ = ['check_mm_stack', 'train_main', 'test_main', 'load_config']
 
 _logger = logging.getLogger('scalablevit.mm_tools')
+_REPORTED = 3  # exit status under torchrun of an error already printed by rank 0 (tools/torchrun.py)
 
 
 class SetupError(SystemExit):
@@ -28,6 +39,29 @@ class SetupError(SystemExit):
 
     def __init__(self, msg: str):
         super().__init__(f'error: {msg}')
+
+
+def _one_line_errors(main: Callable) -> Callable:
+    """A :class:`SetupError` (or a checkpoint that cannot be read or does not fit) ends the command with one line,
+    printed by the process of rank 0 only; the others exit with status 1 silently."""
+    import functools
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        from .checkpoint import CheckpointError
+        try:
+            return main(*args, **kwargs)
+        except (SetupError, CheckpointError) as e:
+            error = e if isinstance(e, SetupError) else SetupError(str(e))
+            if 'RANK' not in os.environ:  # one process
+                raise error from None
+            # under torchrun (tools/torchrun.py): rank 0 prints, and all exit with the status meaning "reported"
+            if os.environ['RANK'] == '0':
+                print(error.code, file=sys.stderr, flush=True)
+            else:
+                time.sleep(2)  # let rank 0 print before torchrun stops it
+            raise SystemExit(_REPORTED) from None
+    return wrapper
 
 
 def check_mm_stack():
@@ -52,13 +86,13 @@ def _common_args(parser: argparse.ArgumentParser):
                         help='override config settings, key=value (e.g. train_dataloader.batch_size=4)')
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    # tools/dist_run.sh: check the command line, config, data and checkpoint in one process, then exit
+    parser.add_argument('--preflight', action='store_true', help=argparse.SUPPRESS)
 
 
 def load_config(config: str, args: argparse.Namespace, task_dir: str):
     """Config file + command line -> config adapted to the device, with its work dir set."""
     from mmengine.config import Config
-
-    from .mm import adapt_cfg_to_device
 
     if not osp.isfile(config):
         raise SetupError(f'config file not found: {config}')
@@ -75,23 +109,42 @@ def load_config(config: str, args: argparse.Namespace, task_dir: str):
     return adapt_cfg_to_device(cfg)
 
 
-def _check_data(cfg, loader_keys: Sequence[str]):
-    """Name the missing data folder before the dataset raises from deep inside."""
-    for key in loader_keys:
-        loader = cfg.get(key)
-        if not loader:
-            continue
-        ds = loader.get('dataset', {})
-        while 'dataset' in ds:  # RepeatDataset / ConcatDataset-like wrappers
-            ds = ds['dataset']
-        root = ds.get('data_root', '')
-        if root and not osp.isdir(root):
-            raise SetupError(f'{key}: data_root {root!r} does not exist (see the task README, "Data preparation")')
-        ann = ds.get('ann_file')
-        if ann:
-            path = ann if osp.isabs(ann) else osp.join(root, ann)
-            if not osp.exists(path):
-                raise SetupError(f'{key}: annotation file {path!r} not found (see the task README)')
+def adapt_cfg_to_device(cfg, device: Optional[str] = None):
+    """Make a GPU config run on CPU when there is no GPU; does nothing on CUDA.
+
+    gloo instead of NCCL, DDP without device ids, and ``SyncBN`` -> ``SyncBNCPU`` (:mod:`scalablevit.mm_compat`:
+    the same statistics over all processes, through gloo), so that every process keeps the same BN running
+    statistics and validation during training equals testing the saved checkpoint.
+    """
+    device = device or ('cuda' if __import__('torch').cuda.is_available() else 'cpu')
+    if device != 'cpu':
+        return cfg
+    from . import mm_compat  # noqa: F401  (registers SyncBNCPU)
+    cfg.setdefault('env_cfg', {}).setdefault('dist_cfg', {})['backend'] = 'gloo'
+    cfg.model_wrapper_cfg = dict(
+        type='MMDistributedDataParallel', device_ids=None, broadcast_buffers=False,
+        find_unused_parameters=cfg.get('find_unused_parameters', False))
+
+    def _sync_bn_cpu(node):
+        if isinstance(node, dict):
+            if node.get('type') == 'SyncBN':
+                node['type'] = 'SyncBNCPU'
+            for v in node.values():
+                _sync_bn_cpu(v)
+        elif isinstance(node, (list, tuple)):
+            for v in node:
+                _sync_bn_cpu(v)
+
+    _sync_bn_cpu(cfg.model)
+    return cfg
+
+
+def _checks(cfg, args, loader_keys: Sequence[str], train: bool):
+    """The start-up checks of :mod:`scalablevit.mm_data`; the file-reading ones once per launch (see --preflight)."""
+    from .mm_data import check_config
+    deep = args.preflight or os.environ.get('SCALABLEVIT_PREFLIGHT_DONE') != '1'
+    check_config(cfg, loader_keys, train=train, deep=deep)
+    return deep
 
 
 def _build_runner(cfg):
@@ -130,6 +183,10 @@ def _apply_scale_args(cfg, args: argparse.Namespace):
             cfg.optim_wrapper.dtype = args.amp_dtype
     if args.grad_accum_steps > 1:
         cfg.optim_wrapper.accumulative_counts = args.grad_accum_steps
+        _count_in_optimizer_steps(cfg, args.grad_accum_steps)
+        if getattr(args, 'auto_scale_lr', False) and 'base_batch_size' in cfg.get('auto_scale_lr', {}):
+            # mmengine scales the lr by processes x batch / base; the effective batch is N times that
+            cfg.auto_scale_lr.base_batch_size = cfg.auto_scale_lr.base_batch_size / args.grad_accum_steps
     if args.tensorboard:
         try:
             from torch.utils.tensorboard import SummaryWriter  # noqa: F401
@@ -141,12 +198,36 @@ def _apply_scale_args(cfg, args: argparse.Namespace):
         cfg.visualizer.vis_backends = backends
 
 
+def _count_in_optimizer_steps(cfg, steps: int):
+    """With gradient accumulation, the config's iteration counts mean optimizer steps, as in the recipe it comes
+    from: every iteration-based number (``max_iters``, validation and checkpoint intervals, ``by_epoch=False``
+    scheduler ``begin``/``end`` such as a 500-iteration warm-up or an 80k poly decay) is multiplied by ``steps``,
+    the number of batches per optimizer step. Epoch-based numbers (epochs, ``by_epoch=True`` milestones) stay."""
+    train_cfg = cfg.get('train_cfg') or {}
+    if 'max_iters' in train_cfg:  # IterBasedTrainLoop
+        for key in ('max_iters', 'val_interval', 'val_begin'):
+            if key in train_cfg:
+                train_cfg[key] = int(train_cfg[key] * steps)
+        ckpt = cfg.get('default_hooks', {}).get('checkpoint')
+        if ckpt and not ckpt.get('by_epoch', True) and 'interval' in ckpt and ckpt.interval > 0:
+            ckpt.interval = int(ckpt.interval * steps)
+    schedulers = cfg.get('param_scheduler') or []
+    for sched in schedulers if isinstance(schedulers, (list, tuple)) else [schedulers]:
+        if sched.get('by_epoch', True):
+            continue
+        for key in ('begin', 'end'):
+            if key in sched and sched[key] < 1e9:  # mmengine's default end is INF
+                sched[key] = int(sched[key] * steps)
+
+
 def _log_effective_batch(cfg, args: argparse.Namespace):
     from mmengine.dist import get_world_size
     from mmengine.logging import print_log
     world, batch, steps = get_world_size(), cfg.train_dataloader.batch_size, args.grad_accum_steps
     print_log(f'effective batch: {world} processes x {batch} images x {steps} accumulation steps = '
-              f'{world * batch * steps} images per optimizer step', logger='current')
+              f'{world * batch * steps} images per optimizer step'
+              + (f'; the config\'s iteration counts are optimizer steps ({steps} iterations each)' if steps > 1 else ''),
+              logger='current')
 
 
 def _apply_show_dir(cfg, show_dir: str):
@@ -169,9 +250,12 @@ def _apply_show_dir(cfg, show_dir: str):
                   logger='current', level=logging.WARNING)
 
 
+@_one_line_errors
 def train_main(argv: Optional[List[str]], task_dir: str, description: str):
     check_mm_stack()
-    import scalablevit.mm  # noqa: F401  (registers the backbone, torch/CPU compatibility)
+    import scalablevit.mm  # noqa: F401  (registers the backbone)
+    import scalablevit.mm_compat  # noqa: F401  (torch 2.14 / CPU fixes for mmengine)
+    from scalablevit.mm_data import add_data_args, apply_data_args
 
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument('config', help='train config file path')
@@ -180,35 +264,42 @@ def train_main(argv: Optional[List[str]], task_dir: str, description: str):
     parser.add_argument('--resume', nargs='?', type=str, const='auto',
                         help='resume from this checkpoint, or from the latest in the work dir if none is given')
     _scale_args(parser)
+    add_data_args(parser, train=True)
     _common_args(parser)
     args = parser.parse_args(argv)
 
     cfg = load_config(args.config, args, task_dir)
+    apply_data_args(cfg, args)
     _apply_scale_args(cfg, args)
     if args.auto_scale_lr:
         if 'auto_scale_lr' not in cfg or 'base_batch_size' not in cfg.auto_scale_lr:
             raise SetupError('--auto-scale-lr: the config has no auto_scale_lr.base_batch_size')
         cfg.auto_scale_lr.enable = True
-        # mmengine scales by processes x batch; the effective batch also counts the accumulated micro-batches
-        cfg.auto_scale_lr.base_batch_size = cfg.auto_scale_lr.base_batch_size / args.grad_accum_steps
     if args.resume == 'auto':
         cfg.resume, cfg.load_from = True, None
     elif args.resume is not None:
         if not osp.isfile(args.resume):
             raise SetupError(f'--resume: checkpoint not found: {args.resume}')
         cfg.resume, cfg.load_from = True, args.resume
-    _check_data(cfg, ('train_dataloader', 'val_dataloader'))
+    _checks(cfg, args, ('train_dataloader', 'val_dataloader'), train=True)
+    if args.preflight:
+        return None
     runner = _build_runner(cfg)
     _log_effective_batch(cfg, args)
     runner.train()
     return runner
 
 
+@_one_line_errors
 def test_main(argv: Optional[List[str]], task_dir: str, description: str,
-              add_args: Optional[Callable] = None, before_test: Optional[Callable] = None):
-    """``add_args(parser)`` adds task options; ``before_test(runner, args)`` can add metrics (e.g. a dump)."""
+              add_args: Optional[Callable] = None, before_test: Optional[Callable] = None,
+              check_args: Optional[Callable] = None):
+    """``add_args(parser)`` adds task options; ``before_test(runner, args)`` can add metrics (e.g. a dump);
+    ``check_args(args)`` checks the task options before anything is built."""
     check_mm_stack()
-    import scalablevit.mm  # noqa: F401
+    import scalablevit.mm  # noqa: F401  (registers the backbone)
+    import scalablevit.mm_compat  # noqa: F401  (torch 2.14 / CPU fixes for mmengine)
+    from scalablevit import mm_data
 
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument('config', help='test config file path')
@@ -216,34 +307,58 @@ def test_main(argv: Optional[List[str]], task_dir: str, description: str,
     parser.add_argument('--tta', '--aug-test', dest='tta', action='store_true',
                         help="test-time augmentation: the config's tta_model/tta_pipeline (multi-scale + flip)")
     parser.add_argument('--eval', nargs='*', metavar='METRIC',
-                        help="accepted for the 2.x/0.x command lines; metrics come from the config's test_evaluator")
+                        help="the 2.x/0.x command lines' flag, checked against the config's test_evaluator "
+                             "(detection: mAP, bbox, segm; segmentation: mIoU, mDice, mFscore)")
+    parser.add_argument('--score-thr', type=float, metavar='T',
+                        help="detection: keep boxes scoring at least T (the config's model.test_cfg score_thr)")
+    mm_data.add_data_args(parser, train=False)
     parser.add_argument('--show-dir', help='draw each test image with its prediction beside the ground truth there')
     if add_args is not None:
         add_args(parser)
     _common_args(parser)
     args = parser.parse_args(argv)
 
+    if check_args is not None:
+        check_args(args)
     cfg = load_config(args.config, args, task_dir)
     if not osp.isfile(args.checkpoint):
         raise SetupError(f'checkpoint not found: {args.checkpoint}')
+    mm_data.apply_data_args(cfg, args)
     cfg.load_from = args.checkpoint
-    if args.eval is not None:
-        from mmengine.logging import print_log
-        print_log(f'--eval {" ".join(args.eval)}: evaluating with the config\'s test_evaluator '
-                  f'({cfg.test_evaluator.get("type", cfg.test_evaluator)}); the flag is kept for old command lines',
-                  logger='current', level=logging.WARNING)
+    eval_note = mm_data.select_metrics(cfg, args.eval) if args.eval is not None else None
+    if args.score_thr is not None:
+        if mm_data.task_of(cfg) != 'det':
+            raise SetupError('--score-thr is for detectors')
+        mm_data.set_score_threshold(cfg, args.score_thr)
     if args.show_dir:
         _apply_show_dir(cfg, args.show_dir)
+    tta_scales = None
     if args.tta:
         if 'tta_model' not in cfg or 'tta_pipeline' not in cfg:
             raise SetupError(f'--tta/--aug-test: {args.config} defines no tta_model / tta_pipeline')
+        tta_scales = mm_data.rescale_tta(cfg)
+    deep = _checks(cfg, args, ('test_dataloader',), train=False)
+    if deep:
+        mm_data.check_checkpoint(cfg, args.checkpoint)
+    if args.preflight:
+        return None
+    if args.tta:
         from mmengine.config import ConfigDict
         cfg.model = ConfigDict(**cfg.tta_model, module=cfg.model)
         cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
-    _check_data(cfg, ('test_dataloader',))
     runner = _build_runner(cfg)
+    from mmengine.logging import print_log
+    if eval_note:
+        print_log(f'--eval {" ".join(args.eval)}: {eval_note}', logger='current')
+    if args.tta and tta_scales:
+        print_log(f'--aug-test: scales {tta_scales} (img_ratios x the test scale), each also flipped',
+                  logger='current')
     if before_test is not None:
         before_test(runner, args)
     metrics = runner.test()
+    if mm_data.task_of(cfg) == 'det' and not any(k.endswith('_mAP') for k in metrics or {}):
+        key, thr = mm_data.score_threshold(cfg)
+        raise SetupError(f'the detector found no boxes scoring {thr} or more ({key}) in any test image, so there is '
+                         f'no mAP; lower the threshold with --score-thr (e.g. --score-thr 0.001) or train longer')
     return metrics
 

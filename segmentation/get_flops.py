@@ -26,9 +26,10 @@ def build_segmentor(config: str, cfg_options=None) -> nn.Module:
     """The config's model on CPU, without loading its pretrained backbone."""
     from mmengine.config import Config
 
-    from scalablevit.mm import adapt_cfg_to_device
-    from scalablevit.mm_tools import check_mm_stack
+    from scalablevit.mm_tools import adapt_cfg_to_device, check_mm_stack
 
+    if not osp.isfile(config):
+        raise SystemExit(f'error: config file not found: {config}')
     check_mm_stack()
     from mmseg.registry import MODELS
     from mmseg.utils import register_all_modules
@@ -42,7 +43,7 @@ def build_segmentor(config: str, cfg_options=None) -> nn.Module:
     return MODELS.build(cfg.model)
 
 
-def count_flops(segmentor: nn.Module, shape: Tuple[int, int]) -> Tuple[int, int]:
+def segmentor_flops(segmentor: nn.Module, shape: Tuple[int, int]) -> Tuple[int, int]:
     """(all multiply-adds, attention products) of ``segmentor(x, mode='tensor')`` on one 3 x H x W image."""
     x = torch.zeros(1, 3, *shape)
     return count_macs(segmentor, lambda: segmentor(x, mode='tensor'))
@@ -53,7 +54,7 @@ def main(argv=None):
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('config', help='config file')
-    parser.add_argument('--shape', type=int, nargs='+', default=[512, 2048], help='input H [W] (default: 512 2048)')
+    parser.add_argument('--shape', type=int, nargs='+', default=[512, 2048], help='input height and width (default: 512 2048; mmseg reads H W); one number: a square')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config settings, key=value')
     args = parser.parse_args(argv)
     if len(args.shape) not in (1, 2):
@@ -64,7 +65,7 @@ def main(argv=None):
     parts = [(name, getattr(model, name)) for name in ('backbone', 'neck', 'decode_head', 'auxiliary_head')
              if isinstance(getattr(model, name, None), nn.Module)]
     params = count_params(model)
-    flops, attn = count_flops(model, shape)
+    flops, attn = segmentor_flops(model, shape)
     line = '=' * 60
     print(line)
     print(f'config: {args.config}')

@@ -1,6 +1,7 @@
 """Test a ScalableViT segmenter: ``python test.py configs/X.py CHECKPOINT --eval mIoU [--aug-test]``.
 
-``--aug-test`` is multi-scale (0.5-1.75) + flip testing with the config's ``tta_model`` / ``tta_pipeline``.
+``--aug-test`` is multi-scale (0.5-1.75 x the test scale) + flip testing with the config's ``tta_model`` /
+``tta_pipeline``. Your own data: ``--data-root DIR --classes a,b,c`` (README, "Your own data set").
 Multi-GPU: ``bash tools/dist_test.sh configs/X.py CHECKPOINT GPUS [--aug-test] --eval mIoU``.
 """
 import os.path as osp

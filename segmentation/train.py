@@ -1,6 +1,8 @@
 """Train a ScalableViT segmenter with mmsegmentation 1.x: ``python train.py configs/X.py [--resume] [--amp]``.
 
-Multi-GPU: ``bash dist_train.sh configs/X.py GPUS``. Without a GPU the same commands run on CPU (gloo, BN).
+Multi-GPU: ``bash dist_train.sh configs/X.py GPUS``. Without a GPU the same commands run on CPU (gloo; SyncBN over
+gloo). Your own data: ``--data-root DIR --classes a,b,c`` (README, "Your own data set"); from scratch:
+``--no-pretrained``.
 """
 import os.path as osp
 import sys

@@ -15,8 +15,6 @@ import pytest
 import torch
 from mmcv.ops import nms  # noqa: F401,E402
 
-from conftest import free_port
-
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 DET = osp.join(ROOT, 'detection')
 CONFIGS = osp.join(DET, 'configs')
@@ -50,7 +48,7 @@ def test_config_settings(name):
     retina = name.startswith('retinanet')
     size = name.split('scalablevit-')[1][0]
     three_x = 'ms-3x' in name
-    assert cfg.custom_imports.imports == ['scalablevit.mm']
+    assert cfg.custom_imports.imports == ['scalablevit.mm', 'scalablevit.mm_compat']
     bb = cfg.model.backbone
     assert bb.type == 'ScalableViTBackbone' and bb.arch == size
     assert bb.drop_path_rate == (0.2 if size == 's' else 0.3)
@@ -130,7 +128,8 @@ def run_dir(tmp_path_factory):
 
 
 def _run(args, cwd, timeout=600):
-    env = dict(os.environ, PYTHONUNBUFFERED='1', PORT=str(free_port()))
+    env = dict(os.environ, PYTHONUNBUFFERED='1')
+    env.pop('PORT', None)  # tools/dist_run.sh picks a free port
     env.pop('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', None)  # the checkpoint allow-list must be enough
     proc = subprocess.run(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=timeout)
@@ -152,7 +151,7 @@ def _metric(out, key):
 
 def test_tiny_dataset_is_valid_coco(run_dir):
     from pycocotools.coco import COCO
-    coco = COCO(str(run_dir / 'data' / 'tiny_coco' / 'annotations' / 'instances_train.json'))
+    coco = COCO(str(run_dir / 'data' / 'tiny_coco' / 'annotations' / 'instances_train2017.json'))
     assert len(coco.getImgIds()) == 8 and sorted(coco.getCatIds()) == [1, 2, 3]
     anns = coco.loadAnns(coco.getAnnIds())
     assert anns and all(a['bbox'][2] > 8 and a['bbox'][3] > 8 for a in anns)
@@ -163,6 +162,7 @@ def test_tiny_dataset_is_valid_coco(run_dir):
     assert abs(xs.min() - x) <= 1.5 and abs(ys.min() - y) <= 1.5
 
 
+@pytest.mark.slow
 def test_retinanet_train_then_test_prints_bbox_map(run_dir):
     work = run_dir / 'work_retina'
     out = _ok([sys.executable, osp.join(DET, 'train.py'), TINY_RETINA, '--work-dir', str(work),
@@ -181,6 +181,7 @@ def test_retinanet_train_then_test_prints_bbox_map(run_dir):
     assert len(results) == 4 and 'pred_instances' in results[0]
 
 
+@pytest.mark.slow
 def test_mask_rcnn_train_resume_and_test_prints_bbox_and_segm_map(run_dir):
     work = run_dir / 'work_mask'
     train = [sys.executable, osp.join(DET, 'train.py'), TINY_MASK, '--work-dir', str(work)]
@@ -203,6 +204,7 @@ def test_mask_rcnn_train_resume_and_test_prints_bbox_and_segm_map(run_dir):
         assert 0. <= _metric(out, key) <= 1.
 
 
+@pytest.mark.slow
 def test_two_processes_over_gloo(run_dir):
     work = run_dir / 'work_dist'
     out = _ok(['bash', osp.join(DET, 'dist_train.sh'), TINY_MASK, '2', '--work-dir', str(work),
@@ -215,14 +217,15 @@ def test_two_processes_over_gloo(run_dir):
     assert 'Epoch(test) [1/1]' in out  # 4 images over 2 processes, 2 per batch
 
 
+@pytest.mark.slow
 def test_overfit_tiny_train_set(run_dir):
     """RetinaNet from scratch, 12 epochs on the 8 training images, tested on them: mAP rises well above zero."""
     work = run_dir / 'work_overfit'
     out = _ok([sys.executable, osp.join(DET, 'train.py'), TINY_RETINA, '--work-dir', str(work), '--cfg-options',
                'train_cfg.max_epochs=12', 'train_cfg.val_interval=6',
-               'val_dataloader.dataset.ann_file=annotations/instances_train.json',
-               'val_dataloader.dataset.data_prefix.img=train/',
-               'val_evaluator.ann_file=data/tiny_coco/annotations/instances_train.json'], run_dir)
+               'val_dataloader.dataset.ann_file=annotations/instances_train2017.json',
+               'val_dataloader.dataset.data_prefix.img=train2017/',
+               'val_evaluator.ann_file=data/tiny_coco/annotations/instances_train2017.json'], run_dir)
     map50 = [float(v) for v in re.findall(r'coco/bbox_mAP_50: ([\d.]+)', out)]
     assert len(map50) == 2 and map50[1] > map50[0] and map50[1] > 0.2, map50
 

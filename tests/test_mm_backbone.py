@@ -4,6 +4,7 @@ import torch
 
 import scalablevit.mm as mm  # noqa: E402
 from scalablevit import ScalableViT  # noqa: E402
+from scalablevit.checkpoint import CheckpointError, CheckpointMismatchError  # noqa: E402
 
 ScalableViTBackbone = mm.ScalableViTBackbone
 
@@ -163,18 +164,20 @@ def test_pretrained_wrong_checkpoint_names_the_keys(tmp_path):
     wrong_size = tmp_path / 'wider.pth'
     torch.save({'model': _classifier_state_dict(embed_dims=(16, 32, 48, 96), num_heads=(1, 2, 3, 4))}, wrong_size)
     model = _backbone(init_cfg=dict(type='Pretrained', checkpoint=str(wrong_size)))
-    with pytest.raises(mm.CheckpointMismatchError, match=r'stages\.3\.0\.attn\.qkv\.weight: checkpoint'):
+    with pytest.raises(CheckpointMismatchError, match=r'34 of another shape \(patch_embeds\.3\.norm\.bias: checkpoint'):
         model.init_weights()
 
     sd = _classifier_state_dict()
     del sd['pos_block.1.proj.0.weight']
     sd['extra.weight'] = torch.zeros(1)
-    with pytest.raises(mm.CheckpointMismatchError) as err:
+    with pytest.raises(CheckpointMismatchError) as err:
         mm.load_pretrained(_backbone(), {'state_dict': sd})
-    assert 'missing keys (1): pos_block.1.proj.0.weight' in str(err.value)
-    assert 'unexpected keys (1): extra.weight' in str(err.value)
+    assert '1 missing (pos_block.1.proj.0.weight)' in str(err.value)
+    assert '1 unexpected (extra.weight)' in str(err.value)
+    assert '\n' not in str(err.value)  # one line, the project's one format (scalablevit.checkpoint)
+    assert mm.CheckpointMismatchError is CheckpointMismatchError
 
-    with pytest.raises(FileNotFoundError, match='nowhere.pth'):
+    with pytest.raises(CheckpointError, match='checkpoint not found: .*nowhere.pth'):
         _backbone(pretrained=str(tmp_path / 'nowhere.pth')).init_weights()
 
 
@@ -186,13 +189,82 @@ def test_found_by_mmdet_registry():
 
 def test_adapt_cfg_to_device_on_cpu():
     from mmengine.config import Config
+
+    from scalablevit.mm_tools import adapt_cfg_to_device
     cfg = Config(dict(model=dict(backbone=dict(norm_cfg=dict(type='SyncBN')),
                                  heads=[dict(norm_cfg=dict(type='SyncBN', requires_grad=True))]),
                       env_cfg=dict(dist_cfg=dict(backend='nccl'))))
-    mm.adapt_cfg_to_device(cfg, device='cpu')
+    adapt_cfg_to_device(cfg, device='cpu')
     assert cfg.env_cfg.dist_cfg.backend == 'gloo'
-    assert cfg.model.backbone.norm_cfg.type == 'BN' and cfg.model.heads[0].norm_cfg.type == 'BN'
+    assert cfg.model.backbone.norm_cfg.type == 'SyncBNCPU' and cfg.model.heads[0].norm_cfg.type == 'SyncBNCPU'
     assert cfg.model_wrapper_cfg.device_ids is None
     gpu = Config(dict(model=dict(norm_cfg=dict(type='SyncBN')), env_cfg=dict(dist_cfg=dict(backend='nccl'))))
-    mm.adapt_cfg_to_device(gpu, device='cuda')
+    adapt_cfg_to_device(gpu, device='cuda')
     assert gpu.model.norm_cfg.type == 'SyncBN' and gpu.env_cfg.dist_cfg.backend == 'nccl'
+
+
+@pytest.mark.slow
+def test_importing_the_backbone_patches_nothing():
+    """scalablevit.mm only registers; the patches live in scalablevit.mm_compat (issue 11)."""
+    import subprocess
+    import sys
+    code = ('import torch, mmengine.dist.utils as u; before = u._init_dist_pytorch; import scalablevit.mm; '
+            'from torch.serialization import get_safe_globals; '
+            'assert u._init_dist_pytorch is before, "launcher patched"; '
+            'assert not any("HistoryBuffer" in str(g) for g in get_safe_globals()), "safe globals added"; '
+            'import scalablevit.mm_compat; assert u._init_dist_pytorch is not before; '
+            'assert any("HistoryBuffer" in str(g) for g in get_safe_globals()); print("ok")')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == 'ok', out.stderr[-2000:]
+
+
+def _sync_bn_worker(rank, world, port, x, queue):
+    import torch.distributed as dist
+
+    from scalablevit.mm_compat import SyncBatchNormCPU
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=world)
+    torch.manual_seed(0)
+    bn = SyncBatchNormCPU(3, momentum=0.5)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1., 2., 3.]))
+    part = x.chunk(world)[rank].clone().requires_grad_(True)
+    y = bn(part)
+    (y * torch.arange(1., part.numel() + 1).view_as(part)).sum().backward()
+    # numpy: pickled by value (a tensor would travel as shared memory that dies with this process)
+    queue.put((rank, *(t.detach().numpy().copy() for t in (y, part.grad, bn.weight.grad, bn.running_mean,
+                                                           bn.running_var))))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_sync_bn_cpu_equals_batch_norm_on_the_whole_batch(free_port):
+    """Two gloo processes with half the batch each: outputs, input and weight gradients (summed as DDP does) and
+    running statistics equal one BatchNorm2d on the whole batch."""
+    import torch.multiprocessing as mp
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, 6) * 2 + 1
+    ctx = mp.get_context('fork')  # the workers inherit the imports: seconds, not tens of seconds
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_sync_bn_worker, args=(r, 2, free_port, x, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = {r[0]: [torch.from_numpy(a) for a in r[1:]] for r in (queue.get(timeout=120) for _ in procs)}
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+
+    ref = torch.nn.BatchNorm2d(3, momentum=0.5)
+    with torch.no_grad():
+        ref.weight.copy_(torch.tensor([1., 2., 3.]))
+    whole = x.clone().requires_grad_(True)
+    y = ref(whole)
+    weights = torch.cat([torch.arange(1., x[:2].numel() + 1).view_as(x[:2])] * 2)
+    (y * weights).sum().backward()
+    y0, g0, w0, m0, v0 = results[0]
+    y1, g1, w1, m1, v1 = results[1]
+    torch.testing.assert_close(torch.cat([y0, y1]), y.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat([g0, g1]), whole.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(w0 + w1, ref.weight.grad, atol=1e-4, rtol=1e-4)
+    for m, v in ((m0, v0), (m1, v1)):
+        torch.testing.assert_close(m, ref.running_mean)
+        torch.testing.assert_close(v, ref.running_var)

@@ -2,7 +2,8 @@
 # bash tools/dist_run.sh NPROC SCRIPT [script args]: SCRIPT on NPROC processes per node through torchrun, with
 # `--launcher pytorch` appended for the mmengine scripts. The one launcher behind detection/ and segmentation/'s
 # dist_train.sh and dist_test.sh. With GPUs: one process per GPU, NCCL; without: NPROC CPU processes over gloo.
-# Several nodes: NNODES, NODE_RANK, MASTER_ADDR and PORT (the same PORT on every node; default 29500).
+# Several nodes: NNODES, NODE_RANK, MASTER_ADDR and PORT (the same PORT on every node; default 29500). On one node
+# a free port is picked when PORT is not set.
 set -e
 if [ $# -lt 2 ]; then
     echo "usage: bash tools/dist_run.sh NPROC SCRIPT [script args]" >&2
@@ -12,12 +13,22 @@ NPROC=$1
 SCRIPT=$2
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
-PORT=${PORT:-29500}
+if [ -z "$PORT" ]; then
+    if [ "$NNODES" = 1 ]; then  # a free port, so that two runs on one machine do not collide
+        PORT=$(python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+    else
+        PORT=29500  # every node must use the same one
+    fi
+fi
 MASTER_ADDR=${MASTER_ADDR:-"127.0.0.1"}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 
-PYTHONPATH="$REPO":$PYTHONPATH \
-exec python -m torch.distributed.run \
+export PYTHONPATH="$REPO":$PYTHONPATH
+# The start-up checks (command line, config, data, checkpoint) run once, in one process, before any is started:
+# a problem is one line, not one per process.
+python "$SCRIPT" "${@:3}" --preflight || exit $?
+SCALABLEVIT_PREFLIGHT_DONE=1 \
+exec python "$REPO/tools/torchrun.py" \
     --nnodes="$NNODES" \
     --node_rank="$NODE_RANK" \
     --master_addr="$MASTER_ADDR" \

@@ -3,10 +3,10 @@
     python tools/make_tiny_coco.py                      # -> data/tiny_coco/ (run inside detection/)
     python tools/make_tiny_coco.py --out /tmp/tiny_coco --num-train 16 --num-val 8 --size 128
 
-Layout (the same as data/coco/, so configs only change ``data_root`` and the annotation names)::
+Layout: COCO's (data/coco/), so every config reads it with ``--data-root OUT``::
 
-    OUT/annotations/instances_train.json   OUT/train/000000.jpg ...
-    OUT/annotations/instances_val.json     OUT/val/000000.jpg ...
+    OUT/annotations/instances_train2017.json   OUT/train2017/000000.jpg ...
+    OUT/annotations/instances_val2017.json     OUT/val2017/000000.jpg ...
 
 Each image holds 1-3 non-overlapping objects of three categories (square, disc, triangle) in random flat colours;
 every object has a box and a polygon mask, ``iscrowd`` 0. The output depends only on ``--seed``.
@@ -79,7 +79,7 @@ def make_split(out: str, split: str, num_images: int, size: int, rng: np.random.
     coco = dict(info=dict(description=f'tiny shapes, {split}'), licenses=[], images=images,
                 annotations=annotations, categories=CATEGORIES)
     os.makedirs(osp.join(out, 'annotations'), exist_ok=True)
-    with open(osp.join(out, 'annotations', f'instances_{split}.json'), 'w') as f:
+    with open(osp.join(out, 'annotations', f'instances_{split}.json'), 'w') as f:  # split: train2017, val2017
         json.dump(coco, f)
     return coco
 
@@ -87,7 +87,7 @@ def make_split(out: str, split: str, num_images: int, size: int, rng: np.random.
 def make_tiny_coco(out: str, num_train: int = 16, num_val: int = 8, size: int = 128, seed: int = 0) -> str:
     """Write the dataset under ``out`` and return ``out``."""
     rng = np.random.default_rng(seed)
-    for split, n in (('train', num_train), ('val', num_val)):
+    for split, n in (('train2017', num_train), ('val2017', num_val)):
         coco = make_split(out, split, n, size, rng)
         _logger.info('%s: %d images, %d objects', osp.join(out, split), n, len(coco['annotations']))
     return out

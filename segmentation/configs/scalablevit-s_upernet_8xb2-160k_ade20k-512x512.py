@@ -5,11 +5,11 @@ _base_ = [
     'mmseg::_base_/models/upernet_r50.py', '_base_/ade20k.py',
     'mmseg::_base_/default_runtime.py', 'mmseg::_base_/schedules/schedule_160k.py'
 ]
-custom_imports = dict(imports=['scalablevit.mm'], allow_failed_imports=False)
+custom_imports = dict(imports=['scalablevit.mm', 'scalablevit.mm_compat'], allow_failed_imports=False)
 
-# ImageNet weights (released file or classification/ output); train from scratch with
-# --cfg-options model.backbone.init_cfg=None
-checkpoint = '{{fileDirname}}/../pretrained/scalable_vit_small.pth'
+# ImageNet-1K weights, relative to the working directory (segmentation/): the released file or classification/'s
+# checkpoint (README, "Pretrained weights"); train from scratch with --no-pretrained.
+pretrained = 'pretrained/scalable_vit_small.pth'
 crop_size = (512, 512)
 data_preprocessor = dict(size=crop_size)
 model = dict(
@@ -23,7 +23,7 @@ model = dict(
         drop_path_rate=0.2,
         frozen_stages=-1,
         with_cp=False,
-        init_cfg=dict(type='Pretrained', checkpoint=checkpoint)),
+        init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
     decode_head=dict(in_channels=[64, 128, 256, 512], num_classes=150),
     auxiliary_head=dict(in_channels=256, num_classes=150))
 

@@ -1,5 +1,6 @@
 # The tiny shapes dataset of tools/make_tiny_coco.py (3 classes, 128x128 images, boxes and polygon masks), laid
-# out like COCO under data/tiny_coco/. For trying the scripts on CPU in minutes; not a benchmark.
+# out like COCO under data/tiny_coco/ (relative to the working directory, detection/). Any input is resized to fit
+# 128x128. For trying the scripts on CPU in minutes; not a benchmark.
 dataset_type = 'CocoDataset'
 data_root = 'data/tiny_coco/'
 metainfo = dict(classes=('square', 'disc', 'triangle'))
@@ -28,8 +29,8 @@ train_dataloader = dict(
         type=dataset_type,
         data_root=data_root,
         metainfo=metainfo,
-        ann_file='annotations/instances_train.json',
-        data_prefix=dict(img='train/'),
+        ann_file='annotations/instances_train2017.json',
+        data_prefix=dict(img='train2017/'),
         filter_cfg=dict(filter_empty_gt=True, min_size=8),
         pipeline=train_pipeline))
 val_dataloader = dict(
@@ -42,11 +43,13 @@ val_dataloader = dict(
         type=dataset_type,
         data_root=data_root,
         metainfo=metainfo,
-        ann_file='annotations/instances_val.json',
-        data_prefix=dict(img='val/'),
+        ann_file='annotations/instances_val2017.json',
+        data_prefix=dict(img='val2017/'),
         test_mode=True,
         pipeline=test_pipeline))
 test_dataloader = val_dataloader
 
-val_evaluator = dict(type='CocoMetric', ann_file=data_root + 'annotations/instances_val.json', metric=['bbox', 'segm'])
+val_evaluator = dict(  # classwise: a table of AP per class, with the classes' names
+    type='CocoMetric', ann_file=data_root + 'annotations/instances_val2017.json', metric=['bbox', 'segm'],
+    classwise=True)
 test_evaluator = val_evaluator

@@ -2,7 +2,7 @@
 # a checkpoint each epoch, a log line every 4 iterations.
 _base_ = 'mmdet::_base_/default_runtime.py'
 
-custom_imports = dict(imports=['scalablevit.mm'], allow_failed_imports=False)
+custom_imports = dict(imports=['scalablevit.mm', 'scalablevit.mm_compat'], allow_failed_imports=False)
 
 max_epochs = 4
 train_cfg = dict(type='EpochBasedTrainLoop', max_epochs=max_epochs, val_interval=max_epochs)

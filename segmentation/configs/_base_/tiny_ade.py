@@ -1,0 +1,56 @@
+# What the two tiny configs share (as detection/configs/_base_/tiny_*.py): the tiny ADE-layout data set of
+# tools/make_tiny_ade.py (data/tiny_ade/ADEChallengeData2016, relative to the working directory), pipelines that
+# resize any input to fit 64x64, --aug-test at 0.5-1.75 x the test scale, one-image loaders, 40 iterations with a
+# checkpoint and a validation at the end, and the small ScalableViT. For trying the scripts on CPU in seconds.
+_base_ = [
+    'mmseg::_base_/datasets/ade20k.py', 'mmseg::_base_/default_runtime.py', 'mmseg::_base_/schedules/schedule_80k.py'
+]
+custom_imports = dict(imports=['scalablevit.mm', 'scalablevit.mm_compat'], allow_failed_imports=False)
+
+data_root = 'data/tiny_ade/ADEChallengeData2016'
+crop_size = (64, 64)
+max_iters = 40
+# 4 stages, 0.65M parameters in the backbone.
+tiny_arch = dict(
+    embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8), depths=(2, 2, 2, 2),
+    sr_ratios=(8, 4, 2, 1), c_ratios=(1.25, 1.25, 1.25, 1))
+
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations', reduce_zero_label=True),
+    dict(type='Resize', scale=crop_size, keep_ratio=True),  # any input fits the crop (padded to it)
+    dict(type='RandomFlip', prob=0.5),
+    dict(type='PackSegInputs'),
+]
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=crop_size, keep_ratio=True),
+    dict(type='LoadAnnotations', reduce_zero_label=True),
+    dict(type='PackSegInputs'),
+]
+img_ratios = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
+tta_pipeline = [
+    dict(type='LoadImageFromFile', backend_args=None),
+    dict(
+        type='TestTimeAug',
+        transforms=[
+            [dict(type='Resize', scale=(int(crop_size[0] * r), int(crop_size[1] * r)), keep_ratio=True)
+             for r in img_ratios],
+            [dict(type='RandomFlip', prob=0., direction='horizontal'),
+             dict(type='RandomFlip', prob=1., direction='horizontal')],
+            [dict(type='LoadAnnotations')],
+            [dict(type='PackSegInputs')],
+        ])
+]
+train_dataloader = dict(
+    batch_size=2, num_workers=0, persistent_workers=False,
+    dataset=dict(data_root=data_root, pipeline=train_pipeline))
+val_dataloader = dict(
+    batch_size=1, num_workers=0, persistent_workers=False,
+    dataset=dict(data_root=data_root, pipeline=test_pipeline))
+test_dataloader = val_dataloader
+
+train_cfg = dict(max_iters=max_iters, val_interval=max_iters)
+default_hooks = dict(logger=dict(interval=10), checkpoint=dict(interval=max_iters))
+auto_scale_lr = dict(enable=False, base_batch_size=16)
+randomness = dict(seed=0)
