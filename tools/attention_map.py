@@ -155,7 +155,8 @@ def attention_maps(model: nn.Module, image: torch.Tensor, point: Sequence[float]
             raise UsageError(f'--head {head}: stage {stage} has {m.num_heads} heads')
         fn = iwsa_row if kind == 'IWSA' else ssa_row
         item = dict(stage=stage, kind=kind, block=j, size=size, map=fn(m, probs, size, point, head),
-                    query=query_token(point, size), reduction=getattr(m, 'sr_ratio', None), window=getattr(m, 'ws', None))
+                    query=query_token(point, size), reduction=getattr(m, 'sr_ratio', None),
+                    window=getattr(m, 'ws', None))
         if kind == 'IWSA':
             item['window_mask'] = window_mask(size, m.ws, point)
         out.append(item)
