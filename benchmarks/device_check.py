@@ -223,9 +223,9 @@ class DeviceCheck:
             if compiled:  # one small compile: optimize_for_inference on a two-stage model, no reference at 56 px
                 cmd += ['--models', 'scalable_vit_small', '--model-args', json.dumps(MICRO_ARGS), '--impl',
                         'optimized', '--img-size', '56', '--dtype', 'fp32', '--mode', 'infer', '--no-mem']
-            else:  # bf16 autocast as on the GPU (fp32 rows are the CLI test's); the smallest PVTv2 as the peer
+            else:  # fp32: CPUs without AVX512-BF16 emulate bf16 very slowly; the smallest PVTv2 as the peer
                 cmd += ['--models', 'scalable_vit_small', 'pvt_v2_b0', '--model-args', json.dumps(TINY_ARGS),
-                        '--dtype', 'bf16', '--mode', 'infer', 'train']
+                        '--dtype', 'fp32', '--mode', 'infer', 'train']
         elif compiled:
             cmd += ['--device', 'cuda', '--models', 'scalable_vit_small', 'swin_tiny_patch4_window7_224', '--impl',
                     'fast', 'optimized', 'reference', 'timm', '--compile', 'yes', '--batch', '64', '--dtype', 'fp16',
@@ -239,12 +239,14 @@ class DeviceCheck:
             r.pop('times_s', None)
             r['run'] = tag
         self.throughput_rows += rows
-        table = '\n'.join(line for line in text.splitlines() if line.startswith(('|', 'device ', 'GEMM limit'))
-                          or ' vs reference ' in line)
-        self.throughput_tables.append(table)
+        lines = text.splitlines()
+        header = [line for line in lines if line.startswith('device ')]
+        table = [line for line in lines if line.startswith('|')]
+        summary = [f'- {line}' for line in lines if line.startswith('GEMM limit') or ' vs reference ' in line]
+        self.throughput_tables.append('\n'.join(header + [''] + table + [''] + summary))
         summary_path = path.with_suffix('.summary.json')
-        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-        return dict(rows=len(rows), summary=summary.get('summary', []), limits=summary.get('limits_gflop_per_s', {}))
+        found = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+        return dict(rows=len(rows), summary=found.get('summary', []), limits=found.get('limits_gflop_per_s', {}))
 
     def cls_train(self, amp_dtype: str) -> Dict:
         out_dir = self.work / f'cls_{amp_dtype}'
@@ -253,8 +255,8 @@ class DeviceCheck:
                                'main.py', '--data-set', 'DIGITS', '--model', 'scalable_vit_small', '--epochs', '1',
                                '--warmup-epochs', '0', '--mixup', '0', '--cutmix', '0', '--smoothing', '0',
                                '--output_dir', str(out_dir), '--seed', '0']
-        if self.dry_run and amp_dtype == 'float16':
-            cmd += ['--no-amp']  # CPUs emulate fp16 about 50x slower than fp32: the dry run trains this one in fp32
+        if self.dry_run:
+            cmd += ['--no-amp']  # without AVX512-BF16/AMX a CPU emulates fp16 and bf16 20-100x slower than fp32
         else:
             cmd += ['--amp', '--amp-dtype', amp_dtype]
         if self.dry_run:
@@ -270,7 +272,8 @@ class DeviceCheck:
             raise StepFailed(f'no {log.name} written in {out_dir}')
         stats = json.loads(log.read_text().strip().splitlines()[-1])
         steps = [int(n) for n in re.findall(r'Epoch: \[0\]\s*\[\s*\d+/(\d+)\]', text)]
-        out = dict(amp_dtype='float32' if '--no-amp' in cmd else amp_dtype, steps=max(steps) if steps else None, wall_s=round(wall, 1),
+        out = dict(amp_dtype='float32' if '--no-amp' in cmd else amp_dtype, steps=max(steps) if steps else None,
+                   wall_s=round(wall, 1),
                    train_loss=stats.get('train_loss'), test_acc1=stats.get('test_acc1'),
                    backend='nccl' if self.device == 'cuda' else 'gloo')
         if not (isinstance(out['train_loss'], float) and math.isfinite(out['train_loss'])):
@@ -384,7 +387,8 @@ class DeviceCheck:
             ft, rt = get(s, 'fast', 'train', dtype), get(s, 'reference', 'train', dtype)
             if fi and ri:
                 x = fi['img_per_s'] / ri['img_per_s']
-                out.append(f'- S {dtype} inference vs reference: {x:.2f}x (target >= 1.5x: {"met" if x >= 1.5 else "missed"})')
+                out.append(f'- S {dtype} inference vs reference: {x:.2f}x (target >= 1.5x: '
+                           f'{"met" if x >= 1.5 else "missed"})')
             if ft and rt:
                 x = ft['img_per_s'] / rt['img_per_s']
                 out.append(f'- S {dtype} training step vs reference: {x:.2f}x (target >= 1.3x: '
@@ -396,7 +400,8 @@ class DeviceCheck:
             sw = get('swin_tiny_patch4_window7_224', 'timm', 'infer', dtype)
             if fi and sw:
                 out.append(f'- S vs Swin-T, {dtype} inference batch {fi["batch"]}: {fi["img_per_s"]:.0f} vs '
-                           f'{sw["img_per_s"]:.0f} img/s ({"ahead" if fi["img_per_s"] > sw["img_per_s"] else "behind"})')
+                           f'{sw["img_per_s"]:.0f} img/s '
+                           f'({"ahead" if fi["img_per_s"] > sw["img_per_s"] else "behind"})')
         return out or ['No ScalableViT-S fast/reference pairs among the rows.']
 
 

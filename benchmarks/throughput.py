@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone
 import timm
 
 from scalablevit.inference import optimize_for_inference
-from scalablevit.info import count_flops
+from scalablevit.info import count_macs
 from scalablevit.model import InteractiveWindowAttention, ScalableSelfAttention, ScalableViT  # registers models
 
 _logger = logging.getLogger('throughput')
@@ -157,6 +157,7 @@ class Row:
         self.device, self.batch = device, batch
         self.flops_per_img = flops_per_img  # multiply-adds x 2 of one forward pass, or None when unknown
         self.limit: Optional[float] = None  # the GEMM limit of this row's dtype, FLOP/s, set by main()
+        self.stat = 'median'
         self.times: List[float] = []
         self.peak_mem_mb: Optional[float] = None
         self.model = model.to(device)
@@ -204,8 +205,13 @@ class Row:
             self.peak_mem_mb = cpu_peak_bytes(self.step) / 2 ** 20
 
     @property
+    def step_s(self) -> float:
+        """Seconds per step: the median of the repeats, or the best one (``stat='min'``, for a loaded machine)."""
+        return min(self.times) if self.stat == 'min' else statistics.median(self.times)
+
+    @property
     def img_per_s(self) -> float:
-        return self.batch / statistics.median(self.times)
+        return self.batch / self.step_s
 
     @property
     def flop_rate(self) -> Optional[float]:
@@ -224,7 +230,7 @@ class Row:
         return dict(
             model=self.name, impl=self.impl, device=self.device.type, dtype=self.dtype, batch=self.batch,
             mode=self.mode, compiled=self.compiled, img_per_s=round(self.img_per_s, 3),
-            ms_per_step=round(1e3 * statistics.median(self.times), 3),
+            ms_per_step=round(1e3 * self.step_s, 3), stat=self.stat,
             peak_mem_mb=None if self.peak_mem_mb is None else round(self.peak_mem_mb, 1),
             gflops_per_img=None if not self.flops_per_img else round(self.flops_per_img / 1e9, 4),
             gflop_per_s=None if rate is None else round(rate / 1e9, 2),
@@ -347,6 +353,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch default)')
     parser.add_argument('--no-mem', action='store_true', help='skip the peak memory measurement')
     parser.add_argument('--no-limit', action='store_true', help='skip the GEMM limit and FLOP counts')
+    parser.add_argument('--stat', default='median', choices=['median', 'min'],
+                        help='per-row statistic of the repeats: median, or min (the least disturbed step, for a '
+                             'machine shared with other jobs)')
     parser.add_argument('--json', default=None, help='also write the rows as a JSON list of records to this path')
     return parser
 
@@ -389,7 +398,7 @@ def format_table(rows: List[Row], header: str) -> str:
         rate, frac = r.flop_rate, r.frac_of_limit
         lines.append([r.name, r.impl, r.mode, r.dtype, 'freeze' if r.impl == 'optimized' else
                       ('yes' if r.compiled else 'no'), str(r.batch), f'{r.img_per_s:.2f}',
-                      f'{1e3 * statistics.median(r.times):.1f}',
+                      f'{1e3 * r.step_s:.1f}',
                       f'{r.img_per_s / ref.img_per_s:.2f}x' if ref and r.impl in ('fast', 'optimized') else '',
                       '' if rate is None else f'{rate / 1e9:.1f}', '' if frac is None else f'{100 * frac:.0f}%',
                       '-' if r.peak_mem_mb is None else f'{r.peak_mem_mb:.0f}', f'{100 * spread:.0f}%'])
@@ -417,7 +426,7 @@ def summarize(rows: List[Row]) -> List[Dict]:
             model=name, mode=mode, dtype=dtype, batch=batch, best=best.impl + (' compiled' if best.compiled and
                                                                               best.impl == 'fast' else ''),
             fast_img_per_s=round(best.img_per_s, 3), reference_img_per_s=round(ref.img_per_s, 3),
-            vs_ref=round(best.img_per_s / ref.img_per_s, 3), fast_ms=round(1e3 * statistics.median(best.times), 2),
+            vs_ref=round(best.img_per_s / ref.img_per_s, 3), fast_ms=round(1e3 * best.step_s, 2),
             frac_of_limit=None if best.frac_of_limit is None else round(best.frac_of_limit, 4)))
     return out
 
@@ -447,7 +456,7 @@ def main(args: argparse.Namespace) -> List[Dict]:
         flops = None
         for impl, model in build_models(name, args.impl, args.img_size, args.model_args):
             if flops is None and not args.no_limit:
-                flops = 2. * count_flops(model, args.img_size, device='cpu')  # multiply-adds x 2, one image
+                flops = 2. * count_macs(model, args.img_size).total  # multiply-adds x 2, one image
             combos = [(mode, dtype, compiled, batch) for mode in args.mode for dtype in args.dtype
                       for compiled in compiled_opts for batch in args.batch]
             if impl == 'optimized':  # one inference row per dtype and batch: optimize_for_inference compiles
@@ -478,6 +487,7 @@ def main(args: argparse.Namespace) -> List[Dict]:
             limits[dtype] = max(limits[dtype], gemm_limit(dtype, device, repeats=1))
     for r in rows:
         r.limit = limits.get(r.dtype)
+        r.stat = args.stat
     if not args.no_mem:
         for r in rows:
             r.measure_memory()
@@ -487,7 +497,7 @@ def main(args: argparse.Namespace) -> List[Dict]:
         dev_name += f', {torch.backends.cpu.get_cpu_capability()}'
     header = (f'device {device.type} ({dev_name}), torch {torch.__version__}, timm {timm.__version__}, '
               f'threads {torch.get_num_threads()}, {args.img_size}px, warm-up {args.warmup}, '
-              f'median of {args.repeats} repeats x {args.iters} steps, bf16 native: '
+              f'{args.stat} of {args.repeats} repeats x {args.iters} steps, bf16 native: '
               f'{"yes" if native_bf16(device) else "no (emulated)"}')
     if device.type == 'cpu' and hasattr(os, 'getloadavg'):
         header += ', load average {:.2f} {:.2f} {:.2f}'.format(*os.getloadavg())

@@ -38,11 +38,14 @@ class OptimizedModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fn = self._compiled if self._compiled is not None else self.model
-        with torch.no_grad():
-            if self.dtype is None:
+        with torch.no_grad(), torch.autocast(x.device.type, dtype=self.dtype or torch.float32,
+                                             enabled=self.dtype is not None):
+            try:
                 return fn(x)
-            with torch.autocast(x.device.type, dtype=self.dtype):
-                return fn(x)
+            except torch._dynamo.exc.BackendCompilerFailed as e:  # e.g. no C++ compiler for Inductor's kernels
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise RuntimeError(f'optimize_for_inference: compiling the model failed ({first[:300]}); pass '
+                                   'compile=False to keep the eager fused path') from e
 
 
 def optimize_for_inference(
@@ -95,12 +98,7 @@ def optimize_for_inference(
     optimized = OptimizedModel(model, compiled, dtype).eval()
 
     if example_input is not None:
-        try:
-            out = optimized(example_input)
-        except Exception as e:  # compile errors surface on the first call, from deep inside Inductor
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ''
-            raise RuntimeError(f'optimize_for_inference: compiling the model failed ({type(e).__name__}: {first}); '
-                               'pass compile=False to keep the eager fused path') from e
+        out = optimized(example_input)  # compiles now
         if check:
             tol = rtol if rtol is not None else (1e-4 if dtype is None else 2e-2)
             with torch.no_grad():
