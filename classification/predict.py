@@ -206,7 +206,8 @@ def predict(args: argparse.Namespace) -> List[Dict[str, Any]]:
     device = torch.device(args.device)
     model, class_names, cfg = build_model(args)
     model.to(device).eval()
-    _logger.info(f'{len(paths)} images; model {args.model or "(recorded)"} with {len(class_names)} classes; '
+    name = getattr(model, 'pretrained_cfg', {}).get('architecture', type(model).__name__)
+    _logger.info(f'{len(paths)} images; model {name} with {len(class_names)} classes; '
                  f'preprocessing {cfg}')
     amp_dtype = None
     if args.amp or args.amp_dtype:
