@@ -131,7 +131,9 @@ def test_disk_full_while_saving(cls, run_cli, tmp_path, monkeypatch):
     Usage = namedtuple('Usage', 'total used free')
     monkeypatch.setattr(utils, 'save_checkpoint', save_with_full_disk)
     monkeypatch.setattr(utils.shutil, 'disk_usage', lambda p: Usage(2 ** 30, 2 ** 30 - 2 ** 20, 2 ** 20 // 4))
-    status, line = run_cli([*TINY_DIGITS, '--epochs', '2', '--output_dir', out], allow_work=True)
+    make_image_folder(tmp_path / 'data')
+    status, line = run_cli([*TINY, '--data-path', tmp_path / 'data', '--input-size', '32', '--batch-size', '4',
+                            '--num_workers', '0', '--epochs', '2', '--output_dir', out], allow_work=True)
     assert status == 1
     assert line.startswith(f'error: disk full: writing {out}/checkpoint.pth needs about 0 MB, 0 MB free in {out}; '
                            f'the previous checkpoint.pth is intact.'), line
