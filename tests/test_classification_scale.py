@@ -263,3 +263,40 @@ def test_launch_two_epochs_and_two_nodes_give_the_same_weights(tmp_path, free_po
             assert torch.equal(state[k], ref[k]), (path, k)
     assert read_log(two / 'log.txt') and [e['train_loss'] for e in read_log(two / 'log.txt')] == \
         [e['train_loss'] for e in read_log(one / 'log.txt')]
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_stops_every_rank_after_the_same_step(tmp_path, free_port):
+    """SLURM's preemption as torchrun sees it: SIGTERM to the launcher, which forwards it to both processes. They
+    agree on a step, rank 0 writes checkpoint.pth with that place, both exit cleanly; --resume auto finishes."""
+    make_folder(tmp_path / 'data', per_class=16)
+    out = tmp_path / 'out'
+    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port}']
+    argv = [*FOLDER_ARGS, '--data-path', tmp_path / 'data', '--epochs', '1', '--batch-size', '2', '--print-freq', '1',
+            '--output_dir', out]
+    env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')
+    env.pop('RANK', None), env.pop('WORLD_SIZE', None)
+    p = subprocess.Popen([*torchrun, 'main.py', *map(str, argv)], cwd=CLS_DIR, env=env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines = []
+    for line in p.stdout:  # wait until the second step has been logged, then preempt
+        lines.append(line)
+        if 'Epoch: [0] [ 1/12]' in line:
+            p.send_signal(signal.SIGTERM)
+            break
+    lines += p.stdout.readlines()
+    p.wait(timeout=120)
+    text = ''.join(lines)
+    stops = [line for line in lines if 'stopped by SIGTERM at epoch 0, step' in line]
+    assert len(stops) == 2, text[-3000:]  # both processes, the same step
+    assert len({line.split('stopped by')[1] for line in stops}) == 1, stops
+    ckpt = torch.load(out / 'checkpoint.pth', weights_only=True)
+    step = ckpt['resume_step']
+    assert ckpt['epoch'] == -1 and 2 <= step < 12 and f'step {step} of 12' in stops[0]
+    assert 'Traceback' not in text.split('Sending process')[0]  # none from our processes
+
+    r = subprocess.run([*torchrun, 'main.py', *map(str, argv), '--resume', 'auto'], cwd=CLS_DIR, env=env, text=True,
+                       capture_output=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f'resumed {out}/checkpoint.pth at epoch 0, step {step}' in r.stdout
+    assert [e['epoch'] for e in read_log(out / 'log.txt')] == [0]
