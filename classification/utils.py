@@ -9,6 +9,7 @@ import random
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections import defaultdict, deque
 from pathlib import Path
@@ -61,6 +62,8 @@ class StopOnSignal:
         self._previous = {}
 
     def __enter__(self) -> 'StopOnSignal':
+        if threading.current_thread() is not threading.main_thread():
+            return self  # Python delivers signals to the main thread only; there is nothing to install
         for name in self.SIGNALS:
             sig = getattr(signal, name, None)
             if sig is not None:
