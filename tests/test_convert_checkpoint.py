@@ -84,7 +84,7 @@ def test_classification_to_backbone_unwraps_ddp_compile_and_ema(conv, tmp_path, 
     meta = dict(model='scalable_vit_small', model_kwargs={k: list(v) for k, v in TINY.items()}, num_classes=5,
                 class_names=list('abcde'), pretrained_cfg=META_CFG)
     torch.save(dict(model={wrap + k: v for k, v in model.state_dict().items()},
-                    model_ema={'module.' + k: v for k, v in ema.state_dict().items()},
+                    model_ema={'_orig_mod.module.' + k: v for k, v in ema.state_dict().items()},  # other order
                     optimizer={}, epoch=3, meta=meta), tmp_path / 'cls.pth')
 
     for flag, source in (((), model), (('--ema',), ema)):
@@ -216,3 +216,75 @@ def test_released_style_file_and_bad_inputs(conv, tmp_path, capsys):
         rc, _, err = run(conv, capsys, *argv)
         assert rc == 1 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
     assert not (tmp_path / 'o.pth').exists() and not (tmp_path / 'o.safetensors').exists()
+
+
+@pytest.mark.slow
+def test_real_mmengine_checkpoint_and_its_scalars(conv, tmp_path, capsys):
+    """A checkpoint and scalars.json written by mmengine's own Runner (the machinery of mmdet/mmseg's train.py):
+    a small detector-shaped model with a ScalableViTBackbone, two iterations on CPU."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+    from mmengine.config import Config
+    from mmengine.model import BaseModel
+    from mmengine.registry import DATASETS, MODELS
+    from mmengine.runner import Runner
+    from torch.utils.data import Dataset
+
+    from scalablevit.mm import ScalableViTBackbone
+
+    @MODELS.register_module(name='ConvertTestDetector', force=True)
+    class Detector(BaseModel):
+        def __init__(self, backbone):
+            super().__init__()
+            self.backbone = MODELS.build(backbone)
+            self.head = nn.Linear(self.backbone.embed_dims[-1], 2)
+
+        def forward(self, inputs, labels=None, mode='tensor'):
+            logits = self.head(self.backbone(inputs)[-1].mean((2, 3)))
+            return dict(loss_cls=F.cross_entropy(logits, labels)) if mode == 'loss' else logits
+
+    @DATASETS.register_module(name='ConvertTestImages', force=True)
+    class Images(Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(i)), i % 2
+
+    backbone_cfg = dict(type='ScalableViTBackbone', arch=dict(TINY), out_indices=(1, 2), init_cfg=None)
+    cfg = Config(dict(
+        model=dict(type='ConvertTestDetector', backbone=backbone_cfg),
+        work_dir=str(tmp_path / 'work_dir'),
+        train_dataloader=dict(dataset=dict(type='ConvertTestImages'), sampler=dict(type='DefaultSampler'),
+                              batch_size=4, num_workers=0, collate_fn=dict(type='default_collate')),
+        optim_wrapper=dict(optimizer=dict(type='AdamW', lr=1e-3)),
+        train_cfg=dict(by_epoch=True, max_epochs=1),
+        default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=1),
+                           logger=dict(type='LoggerHook', interval=1)),
+        launcher='none', randomness=dict(seed=0)))
+    Runner.from_cfg(cfg).train()
+    ckpt = tmp_path / 'work_dir' / 'epoch_1.pth'
+
+    rc, stdout, err = run(conv, capsys, ckpt, tmp_path / 'cls.pth', '--check-size', '64')
+    assert rc == 0, err
+    assert 'norm <- out_norms.2' in stdout and 'dropped out_norms and head' in stdout
+    # independently: the trained backbone (built from the config, weights from the checkpoint) vs timm's load
+    from scalablevit.checkpoint import load_checkpoint
+    from scalablevit.mm_compat import MMENGINE_SAFE_GLOBALS
+    saved = load_checkpoint(ckpt, safe_globals=MMENGINE_SAFE_GLOBALS)['state_dict']  # weights_only, allow-listed
+    backbone = ScalableViTBackbone(**{k: v for k, v in backbone_cfg.items() if k != 'type'}).eval()
+    backbone.load_state_dict({k[len('backbone.'):]: v for k, v in saved.items() if k.startswith('backbone.')})
+    model = timm.create_model('scalable_vit_small', pretrained=True, num_classes=0, **TINY,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / 'cls.pth'), num_classes=0)).eval()
+    with torch.no_grad():
+        final = model.forward_features(x_in(64))
+        want = backbone(x_in(64))[-1]
+    final = final.transpose(1, 2).reshape(want.shape) if final.dim() == 3 else final
+    torch.testing.assert_close(final, want, rtol=0, atol=0)
+
+    spec = importlib.util.spec_from_file_location('plot_logs', REPO / 'tools' / 'plot_logs.py')
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+    panels = plot.read_run(str(tmp_path / 'work_dir'), 0)
+    assert [p.title for p in panels] == ['loss', 'loss_cls', 'learning rate']
+    assert panels[0].curves[0].x == [1.0, 2.0] and panels[2].curves[0].y == pytest.approx([1e-3, 1e-3])
