@@ -18,7 +18,9 @@ conv follows the first block of every stage.
 Beyond the released code: any input size (IWSA pads to whole windows and masks the padding, SSA pads to a
 multiple of its reduction ratio; both are no-ops at 224), fused ``F.scaled_dot_product_attention`` with the
 plain attention kept as the reference path, and timm's feature API (``forward_intermediates``,
-``features_only=True``) for dense prediction.
+``features_only=True``) for dense prediction. A timm model in full: ``device``/``dtype`` kwargs (``device='meta'``
+builds without memory), ``torch.jit.script``, torch.fx tracing (timm's ``feature_cls='fx'``); timm's own
+``tests/test_models.py`` passes on it (``tests/test_timm_suite.py``).
 
 Layout follows timm's ``pvt_v2.py`` / ``twins.py``.
 """
@@ -705,7 +707,7 @@ default_cfgs = generate_default_cfgs({
     'scalable_vit_large.in1k': _cfg(),
 })
 
-# Released sizes (ARCHITECTURE.md); the only place they are written down.
+# The released sizes (the released code's model definitions); the only place they are written down.
 MODEL_ARGS = {
     'scalable_vit_small': dict(
         embed_dims=(64, 128, 256, 512), num_heads=(2, 4, 8, 16), depths=(2, 2, 20, 2),
