@@ -29,7 +29,7 @@ DIGITS = ['--data-set', 'DIGITS', '--input-size', '16', '--batch-size', '64', '-
 NO_MIX = ['--mixup', '0', '--cutmix', '0', '--smoothing', '0', '--drop-path', '0']
 
 # The released README's classification commands, word for word (classification/README.md shows them too).
-SEED_COMMANDS = [
+RELEASED_COMMANDS = [
     'main.py --model scalable_vit_small  --batch-size 128 --data-path ${path_to_imagenet} --dist-eval --drop-path 0.2',
     'main.py --model scalable_vit_base  --batch-size 128 --data-path ${path_to_imagenet} --dist-eval --drop-path 0.5',
     'main.py --model scalable_vit_large  --batch-size 128 --data-path ${path_to_imagenet} --dist-eval --drop-path 0.5',
@@ -118,14 +118,14 @@ def test_defaults_are_the_released_ones(cls):
 
 def test_released_commands_parse(cls):
     readme = ' '.join((CLS_DIR / 'README.md').read_text().split())
-    for cmd in SEED_COMMANDS:
+    for cmd in RELEASED_COMMANDS:
         assert ' '.join(cmd.split()) in readme, cmd  # the README shows them as released
         args = parse(cls, shlex.split(cmd)[1:])
         assert args.model.startswith('scalable_vit_')
         assert args.data_set == 'IMNET'
-    small, base = (parse(cls, shlex.split(c)[1:]) for c in SEED_COMMANDS[:2])
+    small, base = (parse(cls, shlex.split(c)[1:]) for c in RELEASED_COMMANDS[:2])
     assert (small.drop_path, base.drop_path, small.dist_eval, small.batch_size) == (0.2, 0.5, True, 128)
-    ev = parse(cls, shlex.split(SEED_COMMANDS[3])[1:])
+    ev = parse(cls, shlex.split(RELEASED_COMMANDS[3])[1:])
     assert ev.eval and ev.resume == './scalable_vit_small/checkpoint_best.pth'
     kw = parse(cls, TINY)
     assert kw.model_kwargs['depths'] == (2, 2) and kw.model_kwargs['mlp_head'] is False
@@ -202,7 +202,7 @@ def test_torchrun_two_processes_gloo_dist_eval(tmp_path, free_port):
     log = read_log(out / 'log.txt')
     assert len(log) == 1 and log[0]['test_count'] == 360
 
-    # The seed README's launcher, as written there.
+    # The released README's launcher, as written there.
     launch = ['-m', 'torch.distributed.launch', '--nproc_per_node=2', '--use_env', f'--master_port={free_port}']
     r = run_script([*TINY, *DIGITS, '--dist-eval', '--eval', '--resume', out / 'checkpoint.pth'], launch)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
