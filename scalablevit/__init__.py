@@ -20,6 +20,6 @@ __version__ = '0.1.0'
 
 __all__ = [
     'MODEL_ARGS', 'Block', 'InteractiveWindowAttention', 'PatchEmbed', 'PosConv', 'ScalableSelfAttention',
-    'ScalableViT', 'TokensToMap', 'checkpoint_filter_fn', 'scalable_vit_base', 'scalable_vit_large', 'scalable_vit_small',
-    'unwrap_state_dict',
+    'ScalableViT', 'TokensToMap', 'checkpoint_filter_fn', 'scalable_vit_base', 'scalable_vit_large',
+    'scalable_vit_small', 'unwrap_state_dict',
 ]

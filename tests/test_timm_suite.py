@@ -57,8 +57,8 @@ def fetch_timm_tests(version: str = timm.__version__) -> Path:
         if proc.returncode != 0 or not archives:
             why = (proc.stderr.strip().splitlines() or ['no archive written'])[-1]
             raise RuntimeError(f'`pip download timm=={version}` (sources) failed: {why} -- the timm suite fetches '
-                               f"timm's test files from the package registry once (check the network or PIP_INDEX_URL), "
-                               f'then runs from {dest}')
+                               f"timm's test files from the package registry once (check the network or "
+                               f'PIP_INDEX_URL), then runs from {dest}')
         prefix = f'timm-{version}/tests/'
         with tarfile.open(archives[0]) as tar:
             members = [m for m in tar.getmembers() if m.name.startswith(prefix) and (m.isfile() or m.isdir())]
