@@ -4,6 +4,7 @@
     torchrun --nproc_per_node=8 main.py --model scalable_vit_small ...      # or: python -m torch.distributed.launch
     python main.py --eval --resume ./scalable_vit_small/checkpoint_best.pth --model scalable_vit_small ...
     python main.py --throughput --model scalable_vit_small --batch-size 64
+    python main.py --batch-size 128 --grad-accum-steps 8 --resume auto ...   # 8 x 128 on one GPU, requeue-safe
 
 See README.md for the full commands and the flags that differ from DeiT.
 """
