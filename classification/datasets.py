@@ -69,7 +69,7 @@ def posterize(img: Image.Image, bits_to_keep: int, **__) -> Image.Image:
     """timm's RandAugment ``Posterize`` op with the behaviour the released recipe was trained with: 0 bits gives an
     all-black image.
 
-    ``rand-m9-mstd0.5-inc1`` draws 0 bits whenever the noisy magnitude reaches 10 (about once in 2,000 images).
+    ``rand-m9-mstd0.5-inc1`` draws 0 bits whenever the noisy magnitude reaches 10 (about once in 650 images).
     Pillow up to 10.x turned that into black (it masked every bit); Pillow 11 and later raise ``ValueError: bits
     must be between or equal to 1 and 8``, which killed a training run within minutes of an ImageNet epoch. This
     keeps the released augmentation and runs on any Pillow.
