@@ -69,10 +69,10 @@ def posterize(img: Image.Image, bits_to_keep: int, **__) -> Image.Image:
     """timm's RandAugment ``Posterize`` op with the behaviour the released recipe was trained with: 0 bits gives an
     all-black image.
 
-    ``rand-m9-mstd0.5-inc1`` draws 0 bits whenever the noisy magnitude reaches 10 (about once in 650 images).
-    Pillow up to 10.x turned that into black (it masked every bit); Pillow 11 and later raise ``ValueError: bits
-    must be between or equal to 1 and 8``, which killed a training run within minutes of an ImageNet epoch. This
-    keeps the released augmentation and runs on any Pillow.
+    ``rand-m9-mstd0.5-inc1`` draws 0 bits whenever the noisy magnitude reaches 10 (about once in 650 images). The
+    Pillow the recipe was trained with turned that into black (it masked every bit); recent Pillow (13 here) raises
+    ``ValueError: bits must be between or equal to 1 and 8``, which killed a training run within minutes of an
+    ImageNet epoch. This keeps the released augmentation and runs on any Pillow.
     """
     if bits_to_keep >= 8:
         return img

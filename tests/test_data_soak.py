@@ -3,7 +3,7 @@
 odd sizes, thousands of times with fixed seeds, and every RandAugment op at every magnitude once.
 
 Guards the released augmentation on today's Pillow: ``rand-m9-mstd0.5-inc1`` draws 0 posterize bits about once in
-650 images, which Pillow >= 11 rejects (``classification/datasets.py: posterize``).
+650 images, which recent Pillow (13) rejects (``classification/datasets.py: posterize``).
 """
 import argparse
 import copy
