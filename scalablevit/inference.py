@@ -28,7 +28,7 @@ class OptimizedModel(nn.Module):
     def __init__(self, model: nn.Module, compiled: Optional[nn.Module], dtype: Optional[torch.dtype]):
         super().__init__()
         self.model = model
-        self._compiled = compiled  # not a submodule: the state dict is the eager model's, under 'model.'
+        self.__dict__['_compiled'] = compiled  # not a submodule: the state dict is the eager model's, under 'model.'
         self.dtype = dtype
 
     def train(self, mode: bool = True) -> 'OptimizedModel':
@@ -42,7 +42,9 @@ class OptimizedModel(nn.Module):
                                              enabled=self.dtype is not None):
             try:
                 return fn(x)
-            except torch._dynamo.exc.BackendCompilerFailed as e:  # e.g. no C++ compiler for Inductor's kernels
+            except Exception as e:
+                if type(e).__name__ != 'BackendCompilerFailed':  # torch._dynamo's, e.g. no C++ compiler for Inductor
+                    raise
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise RuntimeError(f'optimize_for_inference: compiling the model failed ({first[:300]}); pass '
                                    'compile=False to keep the eager fused path') from e
