@@ -156,6 +156,7 @@ def test_detection_without_last_norm_and_with_arch_flag(conv, tmp_path, capsys):
     assert torch.equal(norm['norm.weight'], torch.ones(48)) and torch.equal(norm['norm.bias'], torch.zeros(48))
 
 
+@pytest.mark.slow  # about 12 s of CPU
 def test_timm_folder_from_classification_and_from_detection(conv, tmp_path, capsys):
     model = randomize(classifier(num_classes=5), 0)
     meta = dict(model='scalable_vit_small', model_kwargs={k: list(v) for k, v in TINY.items()}, num_classes=5,
@@ -185,6 +186,7 @@ def test_timm_folder_from_classification_and_from_detection(conv, tmp_path, caps
     assert json.loads((tmp_path / 'det_folder' / 'config.json').read_text())['num_classes'] == 0
 
 
+@pytest.mark.slow  # about 12 s of CPU
 def test_released_style_file_and_bad_inputs(conv, tmp_path, capsys):
     import argparse
     model = classifier(num_classes=10, mlp_head=True)  # the released head: Linear(48, 4096) ... Linear(4096, 10)
