@@ -248,17 +248,20 @@ def _det_train(coco_root, *args, config=RETINA, cwd=DET):
     return _run([sys.executable, 'train.py', config, '--data-root', coco_root, *args], cwd, ok=False)
 
 
+@pytest.mark.slow  # a subprocess that imports mmdet/mmseg: 5-20 s
 def test_classes_missing_from_the_annotation_file(coco_root):
     rc, out = _det_train(coco_root)  # the tiny config's classes: square, disc, triangle
     _one_line_error(rc, out, '1 of the 3 classes are not in', 'disc', 'the file has triangle, square, hexagon',
                     '--classes triangle,square,hexagon')
 
 
+@pytest.mark.slow  # a subprocess that imports mmdet/mmseg: 5-20 s
 def test_classes_in_another_order_than_the_file(coco_root):
     rc, out = _det_train(coco_root, '--classes', 'square,triangle,hexagon')
     _one_line_error(rc, out, 'must be in the order of the categories', '--classes triangle,square,hexagon')
 
 
+@pytest.mark.slow  # a subprocess that imports mmdet/mmseg: 5-20 s
 def test_category_ids_missing_from_categories(tmp_path):
     root = make_coco(str(tmp_path / 'coco'), num_train=4, num_val=2)
     path = osp.join(root, 'annotations', 'instances_train2017.json')
@@ -272,17 +275,20 @@ def test_category_ids_missing_from_categories(tmp_path):
     _one_line_error(rc, out, '2 annotations in', 'category ids that its "categories" lacks: 42, 99')
 
 
+@pytest.mark.slow  # a subprocess that imports mmdet/mmseg: 5-20 s
 def test_label_values_above_the_classes(seg_root):
     rc, out = _run([sys.executable, 'train.py', FPN, '--data-root', seg_root, '--classes', 'triangle,square'], SEG,
                    ok=False)
     _one_line_error(rc, out, 'label values above the 2 classes', ': 3 (e.g.', 'reduce_zero_label')
 
 
+@pytest.mark.slow  # a subprocess that imports mmdet/mmseg: 5-20 s
 def test_num_classes_disagreeing_with_the_classes(coco_root):
-    rc, out = _det_train(coco_root, '--classes', ','.join(CLASSES), '--cfg-options', 'model.bbox_head.num_classes=5')
+    rc, out = _det_train(coco_root, '--cfg-options', 'model.bbox_head.num_classes=5')  # (--classes would set it)
     _one_line_error(rc, out, 'model.bbox_head.num_classes is 5 but train_dataloader has 3 classes')
 
 
+@pytest.mark.slow  # a subprocess that imports mmdet/mmseg: 5-20 s
 def test_missing_pretrained_weights_one_line_from_one_process(coco_root, tmp_path):
     args = ['configs/retinanet_scalablevit-s_fpn_1x_coco.py', '--data-root', coco_root,
             '--classes', ','.join(CLASSES), '--work-dir', str(tmp_path)]
@@ -291,6 +297,7 @@ def test_missing_pretrained_weights_one_line_from_one_process(coco_root, tmp_pat
                     '--no-pretrained')
 
 
+@pytest.mark.slow  # a subprocess that imports mmdet/mmseg: 5-20 s
 def test_missing_data_root(tmp_path):
     rc, out = _run([sys.executable, 'train.py', FPN, '--data-root', str(tmp_path / 'none')], SEG, ok=False)
     _one_line_error(rc, out, 'data_root', 'does not exist')
@@ -312,6 +319,7 @@ def retina_ckpt(coco_root, tmp_path_factory):
     return path
 
 
+@pytest.mark.slow  # a subprocess that imports mmdet/mmseg: 5-20 s
 def test_checkpoint_of_another_model_is_refused(coco_root, retina_ckpt, seg_root):
     own = ['--data-root', coco_root, '--classes', ','.join(CLASSES)]
     rc, out = _run([sys.executable, 'test.py', MASK, retina_ckpt, *own], DET, ok=False)
@@ -333,6 +341,7 @@ def test_no_boxes_above_the_score_threshold(coco_root, retina_ckpt, tmp_path):
     (['--eval', 'foo'], '--eval foo: this config evaluates bbox'),
     (['--out', 'x.json'], '--out x.json: must be a .pkl'),
 ])
+@pytest.mark.slow  # a subprocess that imports mmdet/mmseg: 5-20 s
 def test_test_options_refused_before_work(coco_root, retina_ckpt, flag, message):
     rc, out = _run([sys.executable, 'test.py', RETINA, retina_ckpt, '--data-root', coco_root,
                     '--classes', ','.join(CLASSES), *flag], DET, ok=False)
@@ -340,6 +349,7 @@ def test_test_options_refused_before_work(coco_root, retina_ckpt, flag, message)
     assert 'Epoch(test)' not in out
 
 
+@pytest.mark.slow  # a subprocess that imports mmdet/mmseg: 5-20 s
 def test_get_flops_missing_config_is_one_line():
     for folder in (DET, SEG):
         rc, out = _run([sys.executable, 'get_flops.py', 'configs/nope.py'], folder, ok=False)
