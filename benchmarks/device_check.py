@@ -307,21 +307,25 @@ class DeviceCheck:
         if kind == 'det':
             self.sh(self.python() + ['tools/make_tiny_coco.py'], cwd=folder, timeout=120)
             epochs = 1 if self.dry_run else 2  # 8 iterations per epoch (16 images, 2 per batch), then validation
-            opts = [f'train_cfg.max_epochs={epochs}', f'train_cfg.val_interval={epochs}']
+            opts = [f'train_cfg.max_epochs={epochs}', f'train_cfg.val_interval={epochs}',
+                    'default_hooks.logger.interval=2']
             config = DET_TINY
         else:
             self.sh(self.python() + ['tools/make_tiny_ade.py'], cwd=folder, timeout=120)
             iters = 4 if self.dry_run else 10
             opts = [f'train_cfg.max_iters={iters}', f'train_cfg.val_interval={iters}',
-                    f'default_hooks.checkpoint.interval={iters}']
+                    f'default_hooks.checkpoint.interval={iters}', 'default_hooks.logger.interval=2']
             config = SEG_TINY
         text = self.sh(self.python() + ['train.py', config, '--work-dir', str(work_dir), '--cfg-options', *opts],
                        cwd=folder, timeout=240)
-        iters_seen = re.findall(r'\[(\d+)/(\d+)\]', text)
-        times = [float(t) for t in re.findall(r'\btime: ([\d.]+)', text)]
-        metric = re.findall(r'(bbox_mAP|mIoU)\S*:\s*([\d.\-na]+)', text)
-        return dict(config=config, cfg_options=opts, last_iter=iters_seen[-1] if iters_seen else None,
-                    s_per_iter=times[-1] if times else None, metric=metric[-1] if metric else None)
+        train = [line for line in text.splitlines() if '(train)' in line]
+        iters_seen = [m.group(1) for line in train for m in [re.search(r'\[(\d+/\d+)\]\s', line)] if m]
+        times = [float(t) for line in train for t in re.findall(r'\btime: ([\d.]+)', line)]
+        metric = re.findall(r'(coco/bbox_mAP|mIoU): (-?[\d.]+)', text)
+        if not iters_seen:
+            raise StepFailed('no training iteration in the log')
+        return dict(config=config, cfg_options=opts, last_train_iter=iters_seen[-1],
+                    s_per_iter_last=times[-1] if times else None, metric=dict(metric[-1:]) or None)
 
     def mm_fps(self, kind: str) -> Dict:
         folder = REPO / ('detection' if kind == 'det' else 'segmentation')

@@ -177,6 +177,7 @@ def test_device_check_dry_run(tmp_path):
             ('compiled', 'optimized', 'infer')} <= impls
     if mm:
         assert steps['det_fps']['fp32_fps'] > 0 and steps['seg_fps']['fp32_fps'] > 0
-        assert steps['det_train']['last_iter'] and steps['seg_train']['last_iter']
+        assert steps['det_train']['last_train_iter'] == '8/8' and steps['seg_train']['last_train_iter'] == '4/4'
+        assert 'coco/bbox_mAP' in steps['det_train']['metric'] and 'mIoU' in steps['seg_train']['metric']
     md = (tmp_path / 'out' / 'device_check.md').read_text()
     assert '## Targets (issue 14)' in md and 'S fp32 inference vs reference' in md
