@@ -139,7 +139,7 @@ def test_timm_model_suite(tmp_path):
                      if not any(re.fullmatch(rf'{name}\[.*-{model}(\.\w+)?\]', t) for t in outcomes))
     tail = '\n'.join(proc.stdout.strip().splitlines()[-15:] + proc.stderr.strip().splitlines()[-5:])
     assert proc.returncode == 0 and not bad and not missing, (
-        f'timm {timm.__version__} test_models.py -k scalable_vit (exit {proc.returncode}): '
+        f'timm {timm.__version__} test_models.py -k {selection()!r} (exit {proc.returncode}): '
         f'{len(bad)} not passed: {bad}; required but not run: {missing}\n{tail}')
 
 
