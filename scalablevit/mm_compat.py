@@ -41,8 +41,8 @@ def _mmengine_safe_globals() -> list:
     return safe
 
 
-#: What mmengine checkpoints need beyond tensors under ``weights_only=True`` (also for
-#: ``scalablevit.checkpoint.load_checkpoint(path, safe_globals=MMENGINE_SAFE_GLOBALS)``).
+#: What mmengine checkpoints need beyond tensors under ``weights_only=True``. Allowed for good on import; do not pass
+#: them to ``torch.serialization.safe_globals`` as well: that context removes them again on exit.
 MMENGINE_SAFE_GLOBALS = _mmengine_safe_globals()
 
 

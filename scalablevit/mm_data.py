@@ -317,12 +317,14 @@ def build_model(cfg):
 def check_checkpoint(cfg, path: str, model=None):
     """Refuse a checkpoint whose keys or shapes do not fit the config's model (one line, from
     :func:`scalablevit.checkpoint.check_state_dict`)."""
+    from . import mm_compat  # noqa: F401  (allow-lists what mmengine checkpoints hold, for good)
     from .checkpoint import CheckpointError, check_state_dict, load_checkpoint
-    from .mm_compat import MMENGINE_SAFE_GLOBALS
     from .model import unwrap_state_dict
 
     try:
-        state_dict = unwrap_state_dict(load_checkpoint(path, safe_globals=MMENGINE_SAFE_GLOBALS))
+        # (not load_checkpoint(safe_globals=...): torch's safe_globals context removes on exit the classes it was
+        # given, even those allowed before it, and mmengine's own load afterwards would fail)
+        state_dict = unwrap_state_dict(load_checkpoint(path))
         model = model if model is not None else build_model(cfg)
         check_state_dict(model, state_dict, path, hint='test a checkpoint with the config (and --classes) it was '
                                                       'trained with')
