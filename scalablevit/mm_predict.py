@@ -101,12 +101,12 @@ def _readable(path: str) -> Optional[str]:
     return None
 
 
-def _import_mm_compat():
-    """The torch/mmengine compatibility patches (checkpoint allow-list, CPU launcher) and the backbone registry."""
-    import importlib.util
-    if importlib.util.find_spec('scalablevit.mm_compat') is not None:
-        import scalablevit.mm_compat  # noqa: F401
+def _import_mm_compat() -> list:
+    """The torch/mmengine compatibility patches and the backbone registry; returns what mmengine checkpoints need
+    allow-listed under ``weights_only=True``."""
     import scalablevit.mm  # noqa: F401
+    import scalablevit.mm_compat as compat
+    return list(compat.MMENGINE_SAFE_GLOBALS)
 
 
 def _state_dict(checkpoint: dict) -> dict:
@@ -126,8 +126,10 @@ def _make_inferencer(task: str, cfg, checkpoint: dict, weights: str, device: str
 
     if task == 'det':
         from mmdet.apis import DetInferencer as Base
+        from mmdet.registry import DATASETS
     else:
         from mmseg.apis import MMSegInferencer as Base
+        from mmseg.registry import DATASETS
 
     class Inferencer(Base):
         def _init_model(self, cfg, weights_, device_):
@@ -147,7 +149,6 @@ def _make_inferencer(task: str, cfg, checkpoint: dict, weights: str, device: str
             super()._load_weights_to_model(model, checkpoint_, cfg)
             if 'dataset_meta' not in checkpoint_.get('meta', {}):
                 # no names in the checkpoint: the config's test data set (not COCO's / Cityscapes' defaults)
-                from mmengine.registry import DATASETS
                 ds_cfg = dict(cfg.test_dataloader.dataset, lazy_init=True)
                 meta = DATASETS.build(ds_cfg).metainfo
                 model.dataset_meta = dict(model.dataset_meta, classes=meta['classes'])
@@ -194,7 +195,8 @@ def build_parser(task: str, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument('inputs', nargs='+', metavar='INPUT', help='image files, folders (recursive) or globs')
     parser.add_argument('config', help='the config the weights were trained with')
-    parser.add_argument('--weights', required=True, help='checkpoint written by train.py (e.g. work_dirs/X/epoch_12.pth)')
+    parser.add_argument('--weights', required=True,
+                        help='checkpoint written by train.py (e.g. work_dirs/X/epoch_12.pth)')
     parser.add_argument('--out-dir', default='outputs', help='where vis/ and preds/ go (default: outputs)')
     parser.add_argument('--device', default=None, help='cpu, cuda, cuda:1 ... (default: cuda if available)')
     parser.add_argument('--batch-size', type=int, default=1, help='images per forward pass')
@@ -213,7 +215,7 @@ def predict_main(argv: Optional[List[str]], task: str, description: str) -> dict
     """Predict; returns ``dict(predicted=[paths], skipped={path: reason})``."""
     assert task in ('det', 'seg'), task
     check_mm_stack()
-    _import_mm_compat()
+    safe_globals = _import_mm_compat()
     from mmengine.config import Config
     from mmengine.logging import print_log
 
@@ -228,7 +230,7 @@ def predict_main(argv: Optional[List[str]], task: str, description: str) -> dict
         raise SetupError(f'--weights: checkpoint not found: {args.weights}')
     paths = collect_images(args.inputs)
     try:
-        checkpoint = load_checkpoint(args.weights)
+        checkpoint = load_checkpoint(args.weights, safe_globals=safe_globals)
     except CheckpointError as e:
         raise SetupError(str(e))
     device = args.device
@@ -263,11 +265,14 @@ def predict_main(argv: Optional[List[str]], task: str, description: str) -> dict
     vis_dir, pred_dir = osp.join(args.out_dir, 'vis'), osp.join(args.out_dir, 'preds')
 
     import mmcv
+    import numpy as np
     from rich.progress import track
 
     batches = [readable[i:i + args.batch_size] for i in range(0, len(readable), args.batch_size)]
     for batch in track(batches, description=f'Predicting {len(readable)} images', disable=not sys.stderr.isatty()):
-        for ori_inputs, data in inferencer.preprocess(batch, batch_size=len(batch)):
+        for chunk in inferencer.preprocess(batch, batch_size=len(batch)):  # one chunk: the whole batch
+            data = chunk[1] if task == 'det' else chunk  # DetInferencer yields (inputs, data), mmseg's data only
+            ori_inputs = batch
             preds = inferencer.forward(data)
             vis = None
             if not args.no_vis:
@@ -277,7 +282,7 @@ def predict_main(argv: Optional[List[str]], task: str, description: str) -> dict
                 name = names[path]
                 stem = osp.splitext(name)[0]
                 if vis is not None:
-                    mmcv.imwrite(vis[i][..., ::-1], osp.join(vis_dir, name))  # the visualizer draws RGB
+                    mmcv.imwrite(np.ascontiguousarray(vis[i][..., ::-1]), osp.join(vis_dir, name))  # drawn in RGB
                 json_path = osp.join(pred_dir, stem + '.json')
                 if task == 'det':
                     record = _det_record(inferencer, pred, path)
