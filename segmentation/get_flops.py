@@ -5,7 +5,7 @@ auxiliary head only trains) at 512x2048 by default, counted with ``torch.utils.f
 linear layers and the attention products (norms, activations, softmax and resizing are not counted). Two totals are
 printed: all of them, and without the attention products. The second is what mmcv 1.x's ``get_flops`` counted
 (hooks on conv/linear modules do not see the ``q @ k^T`` and ``attn @ v`` matmuls) and what the seed README's
-FLOPs column reports: 172.7G for Semantic FPN-S and 929.2G for UperNet-S at 512x2048 against the seed's 174G and
+FLOPs column reports: 172.7G for Semantic FPN-S and 929.3G for UperNet-S at 512x2048 against the seed's 174G and
 931G (mmcv also counted norms and activations).
 """
 import argparse

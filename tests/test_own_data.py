@@ -332,8 +332,8 @@ def test_checkpoint_of_another_model_is_refused(coco_root, retina_ckpt, seg_root
 @pytest.mark.slow
 def test_no_boxes_above_the_score_threshold(coco_root, retina_ckpt, tmp_path):
     own = ['--data-root', coco_root, '--classes', ','.join(CLASSES), '--work-dir', str(tmp_path)]
-    rc, out = _run([sys.executable, 'test.py', RETINA, retina_ckpt, *own, '--score-thr', '0.999'], DET, ok=False)
-    _one_line_error(rc, out, 'no boxes scoring 0.999 or more (model.test_cfg.score_thr)', '--score-thr')
+    rc, out = _run([sys.executable, 'test.py', RETINA, retina_ckpt, *own, '--score-thr', '1.01'], DET, ok=False)
+    _one_line_error(rc, out, 'no boxes scoring 1.01 or more (model.test_cfg.score_thr)', '--score-thr')
 
 
 @pytest.mark.parametrize('flag, message', [
