@@ -42,8 +42,12 @@ def load_checkpoint(path: Union[str, os.PathLike], safe_globals: Sequence[Any] =
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f'checkpoint not found: {path}')
+    # torch's safe_globals context removes its classes on exit even if they had been allowed before; pass it only
+    # the ones not allowed yet, so that a process-wide allow-list (mmengine's, in mm_compat) survives this load
+    allowed = torch.serialization.get_safe_globals()
+    extra = [g for g in (argparse.Namespace, *safe_globals) if g not in allowed]
     try:
-        with torch.serialization.safe_globals([argparse.Namespace, *safe_globals]):
+        with torch.serialization.safe_globals(extra):
             checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # noqa: BLE001  (unpickling raises many types; report them uniformly)
         raise CheckpointError(f'cannot read checkpoint {path}: {_reason(e)}') from e

@@ -93,3 +93,19 @@ def test_load_checkpoint_reads_deit_style_namespace_args(tmp_path):
     # the allowance is for that load only
     with pytest.raises(Exception):
         torch.load(tmp_path / 'deit.pth', weights_only=True)
+
+
+def test_load_checkpoint_keeps_a_process_wide_allow_list(tmp_path):
+    """A class allowed for the whole process (mmengine's, in mm_compat) is still allowed after our load."""
+    import argparse
+    import collections
+    torch.save({'args': argparse.Namespace(a=1), 'd': collections.Counter(a=1)}, tmp_path / 'c.pth')
+    before = torch.serialization.get_safe_globals()
+    torch.serialization.add_safe_globals([argparse.Namespace, collections.Counter])
+    try:
+        assert load_checkpoint(tmp_path / 'c.pth', safe_globals=[collections.Counter])['d']['a'] == 1
+        assert argparse.Namespace in torch.serialization.get_safe_globals()
+        assert collections.Counter in torch.serialization.get_safe_globals()
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(before)
