@@ -131,7 +131,8 @@ def make_reference(model: ScalableViT) -> ScalableViT:
             m.forward = types.MethodType(released_ssa_forward, m)
         elif isinstance(m, InteractiveWindowAttention):
             m.forward = types.MethodType(released_iwsa_forward, m)
-    ref._to_nchw = released_to_nchw
+    for m in ref.stage_ends:  # the map between stages, as released (a contiguous copy)
+        m.forward = released_to_nchw
     return ref
 
 

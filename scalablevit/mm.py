@@ -142,7 +142,7 @@ class ScalableViTBackbone(ScalableViT):
         self.prune_intermediate_layers(list(out_indices), prune_norm=True, prune_head=True)
         self.out_norms = nn.ModuleDict({
             str(i): nn.LayerNorm(self.embed_dims[i], eps=1e-6) if out_norm else nn.Identity() for i in out_indices})
-        for m in self.out_norms:
+        for m in self.out_norms.values():
             self._init_weights(m)
         self.set_grad_checkpointing(with_cp)
         self._freeze_stages()
