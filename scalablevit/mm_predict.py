@@ -215,7 +215,7 @@ def predict_main(argv: Optional[List[str]], task: str, description: str) -> dict
     """Predict; returns ``dict(predicted=[paths], skipped={path: reason})``."""
     assert task in ('det', 'seg'), task
     check_mm_stack()
-    safe_globals = _import_mm_compat()
+    _import_mm_compat()
     from mmengine.config import Config
     from mmengine.logging import print_log
 
@@ -230,7 +230,9 @@ def predict_main(argv: Optional[List[str]], task: str, description: str) -> dict
         raise SetupError(f'--weights: checkpoint not found: {args.weights}')
     paths = collect_images(args.inputs)
     try:
-        checkpoint = load_checkpoint(args.weights, safe_globals=safe_globals)
+        # mm_compat allow-lists mmengine's classes globally; load_checkpoint(safe_globals=...) would remove them again
+        # on exit (torch's safe_globals context), so they are not passed here
+        checkpoint = load_checkpoint(args.weights)
     except CheckpointError as e:
         raise SetupError(str(e))
     device = args.device
