@@ -137,8 +137,8 @@ class DeviceCheck:
     # ---------------------------------------------------------------------------------------------------------------
 
     def env(self) -> Dict:
-        import torch
         import timm
+        import torch
         info = dict(python=platform.python_version(), torch=torch.__version__, timm=timm.__version__,
                     cuda=torch.version.cuda, device=self.device, dry_run=self.dry_run, host_cpus=os.cpu_count(),
                     cpu_capability=torch.backends.cpu.get_cpu_capability())

@@ -503,7 +503,7 @@ def main(args: argparse.Namespace):
                     writer.flush()
             if epoch + 1 < args.epochs and stop.requested(device):
                 _logger.warning(f'stopped by {stop.received} after epoch {epoch}'
-                                + (f'; rerun with --resume auto to continue' if output_dir is not None else ''))
+                                + ('; rerun with --resume auto to continue' if output_dir is not None else ''))
                 break
     if writer is not None:
         writer.close()

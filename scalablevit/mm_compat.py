@@ -22,7 +22,6 @@ What it patches, and why:
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from mmengine.dist import utils as _mm_dist_utils
 from mmengine.registry import MODELS
 

@@ -226,7 +226,8 @@ def _log_effective_batch(cfg, args: argparse.Namespace):
     world, batch, steps = get_world_size(), cfg.train_dataloader.batch_size, args.grad_accum_steps
     print_log(f'effective batch: {world} processes x {batch} images x {steps} accumulation steps = '
               f'{world * batch * steps} images per optimizer step'
-              + (f'; the config\'s iteration counts are optimizer steps ({steps} iterations each)' if steps > 1 else ''),
+              + (f'; the config\'s iteration counts are optimizer steps ({steps} iterations each)'
+                 if steps > 1 else ''),
               logger='current')
 
 

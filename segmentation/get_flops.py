@@ -54,7 +54,8 @@ def main(argv=None):
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('config', help='config file')
-    parser.add_argument('--shape', type=int, nargs='+', default=[512, 2048], help='input height and width (default: 512 2048; mmseg reads H W); one number: a square')
+    parser.add_argument('--shape', type=int, nargs='+', default=[512, 2048],
+                        help='input height and width (default: 512 2048; mmseg reads H W); one number: a square')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config settings, key=value')
     args = parser.parse_args(argv)
     if len(args.shape) not in (1, 2):

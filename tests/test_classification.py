@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import torch
 
-
 REPO = Path(__file__).resolve().parents[1]
 CLS_DIR = REPO / 'classification'
 

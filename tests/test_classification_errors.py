@@ -2,15 +2,10 @@
 before the data set is scanned or a model is built where the command line alone tells, and no output folder left
 behind. One test per row of the README's troubleshooting table."""
 import resource
-import shutil
-import subprocess
-import sys
 from collections import namedtuple
-from pathlib import Path
 
 import pytest
 import torch
-
 from test_classification import CLS_DIR, DIGITS, NO_MIX, TINY, cls, make_image_folder, run_script  # noqa: F401
 
 TINY_DIGITS = [*TINY, *DIGITS, *NO_MIX]

@@ -1,8 +1,6 @@
 """classification/main.py at the user's scale: gradient accumulation (exact), the released LR sequence across
 resumes, ``--resume auto`` and ``--checkpoint-hist``, a stop on SIGTERM/SIGUSR1 resumed exactly mid-epoch, and the
 same weights from 2 nodes x 1 process as from 1 node x 2 processes (gloo, one machine)."""
-import argparse
-import json
 import os
 import signal
 import subprocess
@@ -13,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from test_classification import CLS_DIR, DIGITS, NO_MIX, TINY, cls, parse, read_log  # noqa: F401
 
 TINY_MODEL = dict(embed_dims=(16, 32), num_heads=(1, 2), depths=(2, 2), sr_ratios=(2, 1), c_ratios=(1, 1),

@@ -55,6 +55,7 @@ def mm_checkpoint(path, out_indices=(0, 1, 2), out_norm=True, with_cfg=True, see
     """What an mmengine runner saves for a detector: backbone/neck/head weights, message hub, the config text."""
     from mmengine.config import Config
     from mmengine.logging.history_buffer import HistoryBuffer
+
     from scalablevit.mm import ScalableViTBackbone
 
     backbone_cfg = dict(type='ScalableViTBackbone', arch=dict(TINY), out_indices=out_indices, out_norm=out_norm,

@@ -12,7 +12,6 @@ import scalablevit
 from scalablevit import InteractiveWindowAttention, ScalableViT
 from scalablevit.info import count_macs, count_params
 
-
 # Relative (L2) error allowed against the released code's outputs. Measured in float32 on CPU, fused and plain
 # alike: logits <= 9.4e-7, last-block tokens of every stage <= 1.4e-6 (tiny, S, and S with the eps probe).
 REF_RTOL = 1e-5

@@ -145,7 +145,8 @@ def test_detection_retinanet_two_processes(coco_root, tmp_path):
     own = ['--data-root', coco_root, '--classes', ','.join(CLASSES)]
     work = str(tmp_path)
     out = _run(['bash', 'dist_train.sh', RETINA, '2', *own, '--work-dir', work,
-                '--cfg-options', 'train_cfg.max_epochs=1', 'train_cfg.val_interval=1', 'model.test_cfg.score_thr=0.001'],
+                '--cfg-options', 'train_cfg.max_epochs=1', 'train_cfg.val_interval=1',
+                'model.test_cfg.score_thr=0.001'],
                DET)  # (two iterations: RetinaNet's scores are still near their 0.01 prior)
     assert 'Distributed training: True' in out and 'Epoch(train) [1][2/2]' in out
     val = _metric(out, 'coco/bbox_mAP')
@@ -213,7 +214,8 @@ def test_segmentation_upernet_and_aug_test_scales(seg_root, tmp_path):
 
 @pytest.mark.parametrize('task, config', [
     ('det', 'retinanet_scalablevit-s_fpn_1x_coco.py'), ('det', 'mask-rcnn_scalablevit-s_fpn_ms-3x_coco.py'),
-    ('seg', 'scalablevit-s_fpn_4xb4-80k_ade20k-512x512.py'), ('seg', 'scalablevit-b_upernet_8xb2-160k_ade20k-512x512.py'),
+    ('seg', 'scalablevit-s_fpn_4xb4-80k_ade20k-512x512.py'),
+    ('seg', 'scalablevit-b_upernet_8xb2-160k_ade20k-512x512.py'),
 ])
 def test_s_configs_follow_data_root_and_classes(task, config, tmp_path):
     import argparse
