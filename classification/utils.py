@@ -1,6 +1,5 @@
 """Distributed set-up, metric logging and checkpoint I/O for the classification scripts (DeiT's ``utils.py``)."""
 import argparse
-import ast
 import datetime
 import errno
 import logging
@@ -20,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 import scalablevit.checkpoint as scalablevit_checkpoint
+from scalablevit.cli import ParseKwargs  # noqa: F401  (main.py and predict.py take it from here)
 
 _logger = logging.getLogger(__name__)
 
@@ -90,25 +90,6 @@ class StopOnSignal:
         if flag.item() > 0 and self.received is None:
             self.received = 'a signal to another process'
         return flag.item() > 0
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Command line
-
-class ParseKwargs(argparse.Action):
-    """``--model-kwargs depths=2,2,2,2 mlp_head=False`` -> dict; values are Python literals, else strings."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        kwargs = dict(getattr(namespace, self.dest) or {})
-        for item in values:
-            if '=' not in item:
-                parser.error(f'{option_string} expects key=value, got {item!r}')
-            key, value = item.split('=', 1)
-            try:
-                kwargs[key] = ast.literal_eval(value)
-            except (ValueError, SyntaxError):
-                kwargs[key] = value
-        setattr(namespace, self.dest, kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -34,7 +34,6 @@ the same outputs on a fixed input. Output files are ``.pth`` (``{'state_dict': .
 line, exit status 1.
 """
 import argparse
-import ast
 import json
 import logging
 import os
@@ -49,6 +48,7 @@ import torch.nn as nn
 
 import scalablevit  # noqa: F401  (registers scalable_vit_small/base/large with timm)
 from scalablevit.checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict
+from scalablevit.cli import ParseKwargs
 from scalablevit.model import MODEL_ARGS
 
 ARCH_ALIASES = {'s': 'scalable_vit_small', 'b': 'scalable_vit_base', 'l': 'scalable_vit_large'}
@@ -63,22 +63,6 @@ class ConversionError(RuntimeError):
     """A conversion that cannot be done or does not check out; reported in one line."""
 
 
-class _ParseKwargs(argparse.Action):
-    """``--model-kwargs depths=2,2,2 mlp_head=False`` -> dict (values are Python literals, else strings)."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        kwargs = dict(getattr(namespace, self.dest) or {})
-        for item in values:
-            if '=' not in item:
-                parser.error(f'{option_string} expects key=value, got {item!r}')
-            key, value = item.split('=', 1)
-            try:
-                kwargs[key] = ast.literal_eval(value)
-            except (ValueError, SyntaxError):
-                kwargs[key] = value
-        setattr(namespace, self.dest, kwargs)
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser('Convert ScalableViT checkpoints', add_help=False)
     parser.add_argument('src', help='checkpoint to convert')
@@ -87,7 +71,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help='target (default: classifier for a det/seg checkpoint, backbone for a classification one)')
     parser.add_argument('--ema', action='store_true', help="convert the EMA weights (model_ema / state_dict_ema)")
     parser.add_argument('--model', default=None, help='timm model name of a classification checkpoint')
-    parser.add_argument('--model-kwargs', nargs='*', default={}, action=_ParseKwargs, metavar='KEY=VALUE',
+    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
                         help='model arguments of a classification checkpoint, merged over the recorded ones')
     parser.add_argument('--config', default=None, help='mmdet/mmseg config of a det/seg checkpoint')
     parser.add_argument('--arch', default=None, help="backbone arch of a det/seg checkpoint: 's', 'b', 'l'")
