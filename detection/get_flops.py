@@ -1,7 +1,7 @@
 """Parameters and FLOPs of a detector: ``python get_flops.py configs/X.py [--shape 800 1280]``.
 
 FLOPs are multiply-adds (the papers' convention, as mmcv's and fvcore's counters count them) of one forward pass
-on one image of the given size (H W, as mmdet's get_flops reads it; the seed's table uses 1280x800, i.e.
+on one image of the given size (H W, as mmdet's get_flops reads it; the published table uses 1280x800, i.e.
 ``--shape 800 1280``), measured with ``torch.utils.flop_counter``
 on the plain attention path: backbone, neck and heads; for two-stage detectors the RPN, the box head on the RPN's
 proposals and the mask head on the first 100 boxes (as mmdet's ``forward_dummy`` did). Two numbers are printed:

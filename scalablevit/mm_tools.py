@@ -10,7 +10,7 @@ What these add to mmdet's and mmseg's own ``tools/train.py`` / ``tools/test.py``
 * your own data set: ``--data-root DIR``, ``--classes a,b,c``, ``--no-pretrained``, with start-up checks that name
   the problem in one line (:mod:`scalablevit.mm_data`); ``test.py`` refuses a checkpoint that does not fit the
   config's model and says so when a detector found nothing above its score threshold (``--score-thr``);
-* the seed README's old flags are accepted: ``--eval mAP`` / ``--eval mIoU`` (3.x/1.x evaluate with the config's
+* the original release's old flags are accepted: ``--eval mAP`` / ``--eval mIoU`` (3.x/1.x evaluate with the config's
   ``test_evaluator``; the flag is noted, not an error) and ``--aug-test`` (= ``--tta``);
 * work dirs default to ``<task>/work_dirs/<config name>`` whatever the current directory;
 * training at the user's scale: ``--grad-accum-steps N`` (``optim_wrapper.accumulative_counts``, iteration counts

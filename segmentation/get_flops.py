@@ -4,8 +4,8 @@ FLOPs are multiply-adds (the papers' convention) of one inference forward pass (
 auxiliary head only trains) at 512x2048 by default, counted with ``torch.utils.flop_counter``: convolutions,
 linear layers and the attention products (norms, activations, softmax and resizing are not counted). Two totals are
 printed: all of them, and without the attention products. The second is what mmcv 1.x's ``get_flops`` counted
-(hooks on conv/linear modules do not see the ``q @ k^T`` and ``attn @ v`` matmuls) and what the seed README's
-FLOPs column reports: 172.7G for Semantic FPN-S and 929.3G for UperNet-S at 512x2048 against the seed's 174G and
+(hooks on conv/linear modules do not see the ``q @ k^T`` and ``attn @ v`` matmuls) and what the published
+FLOPs column reports: 172.7G for Semantic FPN-S and 929.3G for UperNet-S at 512x2048 against the published 174G and
 931G (mmcv also counted norms and activations).
 """
 import argparse
@@ -71,7 +71,7 @@ def main(argv=None):
     print(line)
     print(f'config: {args.config}')
     print(f'input shape: 3x{shape[0]}x{shape[1]}')
-    print(f'FLOPs (multiply-adds): {flops / 1e9:.1f} G; without attention products (mmcv 1.x, seed README): '
+    print(f'FLOPs (multiply-adds): {flops / 1e9:.1f} G; without attention products (mmcv 1.x, published tables): '
           f'{(flops - attn) / 1e9:.1f} G')
     print(f'params: {params / 1e6:.2f} M ('
           + ', '.join(f'{name} {count_params(m) / 1e6:.2f}' for name, m in parts) + ')')

@@ -21,7 +21,7 @@ CONFIGS = osp.join(DET, 'configs')
 TINY_RETINA = osp.join(CONFIGS, 'tiny', 'retinanet_scalablevit-tiny_fpn_tiny-coco.py')
 TINY_MASK = osp.join(CONFIGS, 'tiny', 'mask-rcnn_scalablevit-tiny_fpn_tiny-coco.py')
 
-# Seed README table: parameters (M) and FLOPs (G, 1280x800).
+# The published table: parameters (M) and FLOPs (G, 1280x800).
 SEED = {
     'retinanet_scalablevit-s_fpn_1x_coco': 36.4, 'retinanet_scalablevit-s_fpn_ms-3x_coco': 36.4,
     'retinanet_scalablevit-b_fpn_1x_coco': 85.6, 'retinanet_scalablevit-b_fpn_ms-3x_coco': 85.6,

@@ -1,4 +1,4 @@
-"""segmentation/: the six configs' sizes against the seed table, and tiny-data training and testing through the real
+"""segmentation/: the six configs' sizes against the published table, and tiny-data training and testing through the real
 mmengine Runner, mmseg's models and ``IoUMetric`` (one process and two over gloo, single-scale and --aug-test,
 checkpoint + resume, a short overfit). CPU, about 5 minutes on 2 cores.
 """
@@ -18,7 +18,7 @@ SEG = osp.join(ROOT, 'segmentation')
 TINY_FPN = osp.join(SEG, 'configs', 'tiny', 'scalablevit-tiny_fpn_1xb2-40_tiny-ade-64x64.py')
 TINY_UPERNET = osp.join(SEG, 'configs', 'tiny', 'scalablevit-tiny_upernet_1xb2-40_tiny-ade-64x64.py')
 
-# seed README: #Param.(M). S is about 0.4M under: the published S backbone (32.4M) is an earlier SSA variant than
+# The published #Param.(M). S is about 0.4M under: the published S backbone (32.4M) is an earlier SSA variant than
 # the released weights (32.0M); see ARCHITECTURE.md.
 SEED_PARAMS_M = {
     'scalablevit-s_fpn_4xb4-80k_ade20k-512x512.py': 30.4,
