@@ -45,3 +45,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture
+def fresh_compile():
+    """A clean torch.compile state around a test. Compiling ScalableViT again in a process that has compiled it
+    before (another instance or input size) can take Inductor many minutes on a CPU; after a reset it takes
+    seconds."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

@@ -136,7 +136,7 @@ def test_optimize_for_inference_checks_and_refuses():
 
 
 @pytest.mark.slow
-def test_optimize_for_inference_equals_eager():
+def test_optimize_for_inference_equals_eager(fresh_compile):
     """Inductor with weight freezing: the eager function to 1e-4 (fp32), on the fused attention path."""
     torch.manual_seed(0)
     model = ScalableViT(num_classes=10, **MICRO_ARGS)

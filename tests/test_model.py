@@ -433,7 +433,7 @@ def test_bf16_autocast_cpu(tiny_args):
     assert _rel(out.float(), ref) < 0.05
 
 
-def test_torch_compile_matches_eager(tiny_args):
+def test_torch_compile_matches_eager(tiny_args, fresh_compile):
     torch.manual_seed(0)
     model = ScalableViT(num_classes=10, **dict(tiny_args, depths=(1, 2, 1, 1))).eval()  # IWSA and SSA, less code
     x = torch.randn(2, 3, 64, 64)
