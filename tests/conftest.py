@@ -1,4 +1,5 @@
 """Shared test fixtures: reference outputs of the released code, the tiny architecture, a free port."""
+import importlib.util
 import os
 import socket
 import sys
@@ -55,3 +56,15 @@ def fresh_compile():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture(scope='session')
+def load_script():
+    """Loader of a repository script that is not in a package (``'tools/plot_logs.py'``) as a module."""
+    def load(relpath: str):
+        path = REPO / relpath
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    return load

@@ -1,6 +1,5 @@
 """tools/attention_map.py: the maps are the model's own attention rows (recomputed here from the module weights),
 IWSA's stays inside the query's window, the model is left as it was, and the PNG grid is written. Tiny model, CPU."""
-import importlib.util
 import math
 from pathlib import Path
 
@@ -21,11 +20,8 @@ TINY = dict(embed_dims=(16, 32), num_heads=(2, 2), depths=(2, 2), sr_ratios=(4, 
 
 
 @pytest.fixture(scope='module')
-def attn():
-    spec = importlib.util.spec_from_file_location('attention_map', REPO / 'tools' / 'attention_map.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def attn(load_script):
+    return load_script('tools/attention_map.py')
 
 
 @pytest.fixture(scope='module')

@@ -22,11 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope='module')
-def throughput():
-    spec = importlib.util.spec_from_file_location('throughput', REPO / 'benchmarks' / 'throughput.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def throughput(load_script):
+    return load_script('benchmarks/throughput.py')
 
 
 def test_cli_writes_records(tmp_path, tiny_args):

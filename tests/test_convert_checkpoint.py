@@ -1,6 +1,5 @@
 """tools/convert_checkpoint.py: classification <-> detection/segmentation backbone <-> timm folder, wrappers and EMA
 unwrapped, every output loaded back into its real target and compared; clear errors. Tiny models, CPU."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -19,11 +18,8 @@ META_CFG = dict(input_size=(3, 32, 32), interpolation='bicubic', crop_pct=0.875,
 
 
 @pytest.fixture(scope='module')
-def conv():
-    spec = importlib.util.spec_from_file_location('convert_checkpoint', REPO / 'tools' / 'convert_checkpoint.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def conv(load_script):
+    return load_script('tools/convert_checkpoint.py')
 
 
 def classifier(num_classes=5, seed=0, **kwargs):
@@ -222,7 +218,7 @@ def test_released_style_file_and_bad_inputs(conv, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_real_mmengine_checkpoint_and_its_scalars(conv, tmp_path, capsys):
+def test_real_mmengine_checkpoint_and_its_scalars(conv, load_script, tmp_path, capsys):
     """A checkpoint and scalars.json written by mmengine's own Runner (the machinery of mmdet/mmseg's train.py):
     a small detector-shaped model with a ScalableViTBackbone, two iterations on CPU."""
     import torch.nn as nn
@@ -285,9 +281,7 @@ def test_real_mmengine_checkpoint_and_its_scalars(conv, tmp_path, capsys):
     final = final.transpose(1, 2).reshape(want.shape) if final.dim() == 3 else final
     torch.testing.assert_close(final, want, rtol=0, atol=0)
 
-    spec = importlib.util.spec_from_file_location('plot_logs', REPO / 'tools' / 'plot_logs.py')
-    plot = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plot)
+    plot = load_script('tools/plot_logs.py')
     panels = plot.read_run(str(tmp_path / 'work_dir'), 0)
     assert [p.title for p in panels] == ['loss', 'loss_cls', 'learning rate']
     assert panels[0].curves[0].x == [1.0, 2.0] and panels[2].curves[0].y == pytest.approx([1e-3, 1e-3])

@@ -1,6 +1,5 @@
 """tools/plot_logs.py: curves from classification ``log.txt`` and mmengine ``vis_data/scalars.json`` (epoch-based
 mmdet with a resumed run, iteration-based mmseg), several runs on one chart, PNGs that hold the curves; errors."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,11 +10,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope='module')
-def plot():
-    spec = importlib.util.spec_from_file_location('plot_logs', REPO / 'tools' / 'plot_logs.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def plot(load_script):
+    return load_script('tools/plot_logs.py')
 
 
 def write_lines(path: Path, rows):

@@ -1,6 +1,6 @@
-"""segmentation/: the six configs' sizes against the published table, and tiny-data training and testing through the real
-mmengine Runner, mmseg's models and ``IoUMetric`` (one process and two over gloo, single-scale and --aug-test,
-checkpoint + resume, a short overfit). CPU, about 5 minutes on 2 cores.
+"""segmentation/: the six configs' sizes against the published table, and tiny-data training and testing through
+the real mmengine Runner, mmseg's models and ``IoUMetric`` (one process and two over gloo, single-scale and
+--aug-test, checkpoint + resume, a short overfit). CPU, about 5 minutes on 2 cores.
 """
 import importlib.util
 import os
