@@ -132,19 +132,35 @@ def test_optimize_for_inference_checks_and_refuses():
     assert lazy._compiled is not None and list(lazy.state_dict()) == ['model.weight', 'model.bias']
 
 
+def test_optimize_for_inference_picks_the_attention_path():
+    """Compiled on CPU: the plain attention (Inductor fuses its softmax); eager: the fused kernel; or as asked."""
+    model = ScalableViT(num_classes=10, **MICRO_ARGS)
+    optimize_for_inference(model, compile=False)
+    assert all(b.attn.fused_attn for b in model.stages[0])
+    optimize_for_inference(model)  # lazy: nothing is compiled before the first call
+    assert not any(b.attn.fused_attn for b in model.stages[0])
+    optimize_for_inference(model, fused_attn=True)
+    assert all(b.attn.fused_attn for b in model.stages[0])
+
+
 @pytest.mark.slow
-def test_optimize_for_inference_equals_eager(fresh_compile):
-    """Inductor with weight freezing: the eager function to 1e-4 (fp32), on the fused attention path."""
+def test_optimize_for_inference_equals_eager_and_freezes(fresh_compile):
+    """Inductor with weight freezing: the eager function to 1e-4 (fp32), and the weights really are constants of
+    the compiled graph (``options={'freezing': True}`` in ``torch.compile`` leaves them graph inputs)."""
     torch.manual_seed(0)
     model = ScalableViT(num_classes=10, **MICRO_ARGS)
-    model.set_fused_attn(False)
     x = torch.randn(2, 3, 56, 56)
     fast = optimize_for_inference(model, x)  # compiles, and checks against eager itself
-    assert fast._compiled is not None and model.stages[0][1].attn.fused_attn  # fused path switched on
+    assert fast._compiled is not None
     with torch.no_grad():
         eager = model(x)
         out = fast(x)
-    assert ((out - eager).abs().max() / eager.abs().max()).item() < 1e-4
+        assert ((out - eager).abs().max() / eager.abs().max()).item() < 1e-4
+        # Frozen: the head's weight was pre-packed into the graph at compile time, so changing the model's copy
+        # afterwards reaches eager but not the optimized model (with the weights as graph inputs, it reaches both).
+        model.head.weight.zero_()
+        assert model(x).abs().max() == model.head.bias.abs().max()
+        assert torch.equal(fast(x), out)
 
 
 @pytest.mark.slow
