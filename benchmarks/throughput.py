@@ -153,10 +153,13 @@ class Row:
     """One row of the table: a model in one form, mode, dtype, compile setting and batch, with its runner."""
 
     def __init__(self, name: str, impl: str, mode: str, dtype: str, compiled: bool, model: torch.nn.Module,
-                 device: torch.device, batch: int, img_size: int, flops_per_img: Optional[float] = None):
+                 device: torch.device, batch: int, img_size: int, flops_per_img: Optional[float] = None,
+                 linear_flops_per_img: Optional[float] = None):
         self.name, self.impl, self.mode, self.dtype, self.compiled = name, impl, mode, dtype, compiled
         self.device, self.batch = device, batch
         self.flops_per_img = flops_per_img  # multiply-adds x 2 of one forward pass, or None when unknown
+        self.linear_flops_per_img = linear_flops_per_img  # of those, the Linear layers' matrix products
+        self.breakdown: Optional[Dict[str, float]] = None  # seconds per step by op category (--breakdown)
         self.limit: Optional[float] = None  # the GEMM limit of this row's dtype, FLOP/s, set by main()
         self.stat = 'median'
         self.times: List[float] = []
@@ -207,6 +210,28 @@ class Row:
         else:
             self.peak_mem_mb = cpu_peak_bytes(self.step) / 2 ** 20
 
+    def measure_breakdown(self, iters: int):
+        """Seconds per step in each op category (:func:`op_category`), from the profiler's self times: device
+        time of the kernels on CUDA, CPU time of the ops on CPU (Inductor's fused kernels count as ``other``)."""
+        cuda = self.device.type == 'cuda'
+        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+        sync(self.device)
+        with torch.profiler.profile(activities=acts) as prof:
+            for _ in range(iters):
+                self.step()
+            sync(self.device)
+        totals = dict.fromkeys(OP_CATEGORIES, 0.)
+        for ev in prof.key_averages():
+            us = ev.self_device_time_total if cuda else ev.self_cpu_time_total
+            totals[op_category(ev.key)] += us / 1e6 / iters
+        self.breakdown = totals
+
+    def linear_rate(self) -> Optional[float]:
+        """FLOP/s of the Linear layers' matrix products alone: their FLOPs over the time the breakdown gives them."""
+        if not self.breakdown or not self.linear_flops_per_img or not self.breakdown['linear']:
+            return None
+        return self.batch * self.linear_flops_per_img * (3 if self.mode == 'train' else 1) / self.breakdown['linear']
+
     @property
     def step_s(self) -> float:
         """Seconds per step: the median of the repeats, or the best one (``stat='min'``, for a loaded machine)."""
@@ -240,7 +265,48 @@ class Row:
             limit_gflop_per_s=None if not self.limit else round(self.limit / 1e9, 2),
             frac_of_limit=None if frac is None else round(frac, 4),
             median_s=statistics.median(self.times), min_s=min(self.times), times_s=self.times,
+            breakdown_s=self.breakdown,
+            linear_gflop_per_s=None if self.linear_rate() is None else round(self.linear_rate() / 1e9, 2),
         )
+
+
+# Op categories of the --breakdown table, by the profiler's event names (aten ops, MKL / oneDNN ops Inductor calls,
+# CUDA kernels); whatever matches none is 'other': layer norms, GELU, softmax, adds, copies, Inductor's fused kernels.
+OP_CATEGORIES = ('linear', 'attention', 'conv', 'other')
+_CATEGORY_PATTERNS = (
+    ('attention', ('aten::bmm', 'aten::baddbmm', 'scaled_dot_product', 'flash', 'fmha', 'efficient_attention')),
+    ('conv', ('convolution', 'conv2d', 'conv_depthwise', 'fprop', 'dgrad', 'wgrad')),
+    ('linear', ('aten::addmm', 'aten::mm', 'aten::_addmm_activation', '_mkl_linear', '_linear_pointwise', 'gemm',
+                'cublas', 'cutlass')),
+)
+
+
+def op_category(name: str) -> str:
+    """The --breakdown category of a profiler event name (first match of ``_CATEGORY_PATTERNS``, else 'other')."""
+    low = name.lower()
+    for category, patterns in _CATEGORY_PATTERNS:
+        if any(p in low for p in patterns):
+            return category
+    return 'other'
+
+
+def format_breakdown(rows: List['Row']) -> str:
+    """Where a step's time goes, per row: the op categories' shares and the Linear products' own FLOP rate."""
+    cols = ['model', 'impl', 'dtype', 'batch', 'ms/step (profiled)', *[f'{c} %' for c in OP_CATEGORIES],
+            'linear GFLOP/s', 'linear of limit']
+    lines = []
+    for r in rows:
+        if r.breakdown is None:
+            continue
+        total = sum(r.breakdown.values())
+        rate = r.linear_rate()
+        lines.append([r.name, r.impl, r.dtype, str(r.batch), f'{1e3 * total:.1f}',
+                      *[f'{100 * r.breakdown[c] / total:.0f}' for c in OP_CATEGORIES],
+                      '-' if rate is None else f'{rate / 1e9:.1f}',
+                      '-' if rate is None or not r.limit else f'{100 * rate / r.limit:.0f}%'])
+    if not lines:
+        return ''
+    return _markdown(cols, lines)
 
 
 def gemm_limit(dtype: str, device: torch.device, sizes: Optional[Tuple[int, ...]] = None,
@@ -359,6 +425,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--stat', default='median', choices=['median', 'min'],
                         help='per-row statistic of the repeats: median, or min (the least disturbed step, for a '
                              'machine shared with other jobs)')
+    parser.add_argument('--breakdown', action='store_true',
+                        help='after timing, profile each row and print where its time goes: Linear products, '
+                             'attention products, convolutions, other (norms, activations, softmax, copies)')
     parser.add_argument('--json', default=None, help='also write the rows as a JSON list of records to this path')
     return parser
 
@@ -405,13 +474,17 @@ def format_table(rows: List[Row], header: str) -> str:
                       f'{r.img_per_s / ref.img_per_s:.2f}x' if ref and r.impl in ('fast', 'optimized') else '',
                       '' if rate is None else f'{rate / 1e9:.1f}', '' if frac is None else f'{100 * frac:.0f}%',
                       '-' if r.peak_mem_mb is None else f'{r.peak_mem_mb:.0f}', f'{100 * spread:.0f}%'])
+    return header + '\n\n' + _markdown(cols, lines)
+
+
+def _markdown(cols: List[str], lines: List[List[str]]) -> str:
+    """A Markdown table with padded columns."""
     widths = [max(len(c), *(len(line[i]) for line in lines)) for i, c in enumerate(cols)]
 
     def fmt(cells: List[str]) -> str:
         return '| ' + ' | '.join(c.ljust(w) for c, w in zip(cells, widths)) + ' |'
 
-    out = [header, '', fmt(cols), '|' + '|'.join('-' * (w + 2) for w in widths) + '|']
-    return '\n'.join(out + [fmt(line) for line in lines])
+    return '\n'.join([fmt(cols), '|' + '|'.join('-' * (w + 2) for w in widths) + '|'] + [fmt(line) for line in lines])
 
 
 def summarize(rows: List[Row]) -> List[Dict]:
@@ -456,10 +529,11 @@ def main(args: argparse.Namespace) -> List[Dict]:
 
     rows: List[Row] = []
     for name in args.models:
-        flops = None
+        macs = None
         for impl, model in build_models(name, args.impl, args.img_size, args.model_args):
-            if flops is None and not args.no_limit:
-                flops = 2. * count_macs(model, args.img_size).total  # multiply-adds x 2, one image
+            if macs is None and not args.no_limit:
+                macs = count_macs(model, args.img_size)
+            flops, linear_flops = (2. * macs.total, 2. * macs.linear) if macs else (None, None)  # x 2: FLOPs
             combos = [(mode, dtype, compiled, batch) for mode in args.mode for dtype in args.dtype
                       for compiled in compiled_opts for batch in args.batch]
             if impl == 'optimized':  # one inference row per dtype and batch: optimize_for_inference compiles
@@ -467,7 +541,8 @@ def main(args: argparse.Namespace) -> List[Dict]:
             for mode, dtype, compiled, batch in combos:
                 # each row owns its weights: training steps must not change another row's model
                 m = copy.deepcopy(model) if len(combos) > 1 else model
-                rows.append(Row(name, impl, mode, dtype, compiled, m, device, batch, args.img_size, flops))
+                rows.append(Row(name, impl, mode, dtype, compiled, m, device, batch, args.img_size, flops,
+                                linear_flops))
     if not rows:
         raise SystemExit('no rows selected (--impl optimized measures inference only: add --mode infer)')
 
@@ -494,6 +569,9 @@ def main(args: argparse.Namespace) -> List[Dict]:
     if not args.no_mem:
         for r in rows:
             r.measure_memory()
+    if args.breakdown:
+        for r in rows:
+            r.measure_breakdown(args.iters)
 
     dev_name = torch.cuda.get_device_name(device) if device.type == 'cuda' else (platform.processor() or 'cpu')
     if device.type == 'cpu':
@@ -509,6 +587,9 @@ def main(args: argparse.Namespace) -> List[Dict]:
     text = format_summary(summary, limits)
     if text:
         print('\n' + text)
+    text = format_breakdown(rows)
+    if text:
+        print('\nWhere the time goes (profiled; shares of the step, and the Linear products\' own rate):\n' + text)
 
     records = [r.record() for r in rows]
     for rec in records:

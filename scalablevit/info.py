@@ -37,13 +37,19 @@ PUBLISHED = {
 
 
 class MacCount(NamedTuple):
-    """Multiply-adds of one forward pass: ``total`` and, of those, the ``attention`` products.
+    """Multiply-adds of one forward pass: ``total`` and, of those, the ``attention`` products and the
+    ``convolution`` ones; ``.linear`` is the rest (the Linear layers' matrix products).
 
     Counters of the mmcv 1.x era (the detection and segmentation tables of the paper and its peers, and the
     classification FLOPs of many papers) did not see the attention products: ``without_attention`` is that number.
     """
     total: int
     attention: int
+    convolution: int = 0
+
+    @property
+    def linear(self) -> int:
+        return self.total - self.attention - self.convolution
 
     @property
     def without_attention(self) -> int:
@@ -84,7 +90,8 @@ def count_macs(
         in_chans: channels of the zero batch.
 
     Returns:
-        ``MacCount(total, attention)``; ``.without_attention`` is ``total - attention``.
+        ``MacCount(total, attention, convolution)``; ``.without_attention`` is ``total - attention``, ``.linear``
+        what neither attention nor convolution takes.
 
     On the plain path the two attention products (``q @ k^T``, ``attn @ v``) are the only batched matmuls
     (``aten.bmm``); convolutions and linears go through convolution / mm / addmm.
@@ -114,7 +121,8 @@ def count_macs(
     finally:
         model.train(was_training)
     ops = {str(op): n // 2 for op, n in counter.get_flop_counts().get('Global', {}).items()}
-    return MacCount(total=sum(ops.values()), attention=ops.get('aten.bmm', 0))
+    return MacCount(total=sum(ops.values()), attention=ops.get('aten.bmm', 0),
+                    convolution=ops.get('aten.convolution', 0))
 
 
 def describe(model: nn.Module, input_size: Union[int, Tuple[int, int]] = 224, in_chans: int = 3) -> str:

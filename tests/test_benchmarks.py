@@ -30,7 +30,7 @@ def test_cli_writes_records(tmp_path, tiny_args):
     out = tmp_path / 'rows.json'
     cmd = [sys.executable, str(REPO / 'benchmarks' / 'throughput.py'), '--device', 'cpu', '--models',
            'scalable_vit_small', '--model-args', json.dumps(tiny_args), '--batch', '1', '--warmup', '0',
-           '--repeats', '1', '--no-mem', '--json', str(out)]
+           '--repeats', '1', '--no-mem', '--breakdown', '--json', str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'threads' in proc.stdout and 'scalable_vit_small' in proc.stdout
@@ -52,6 +52,27 @@ def test_cli_writes_records(tmp_path, tiny_args):
     (s,) = summary['summary']
     fast, ref = (next(r for r in records if r['impl'] == i) for i in ('fast', 'reference'))
     assert s['vs_ref'] == pytest.approx(fast['img_per_s'] / ref['img_per_s'], rel=1e-2)
+    # --breakdown: every category has time (patch-embed convs, SDPA / bmm, norms), and its own linear rate
+    assert 'Where the time goes' in proc.stdout
+    linear_flops = 2 * count_macs(model, 224).linear / 1e9
+    for r in records:
+        b = r['breakdown_s']
+        assert set(b) == {'linear', 'attention', 'conv', 'other'} and all(v > 0 for v in b.values()), b
+        assert r['linear_gflop_per_s'] == pytest.approx(linear_flops / b['linear'], rel=1e-2)
+
+
+@pytest.mark.parametrize('name, category', [
+    ('aten::addmm', 'linear'), ('aten::mm', 'linear'), ('mkl::_mkl_linear', 'linear'),
+    ('mkldnn::_linear_pointwise', 'linear'), ('sm90_xmma_gemm_f32f32_tf32f32_f32_tn_n', 'linear'),
+    ('aten::bmm', 'attention'), ('aten::_scaled_dot_product_flash_attention_for_cpu', 'attention'),
+    ('void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64>>', 'attention'),
+    ('aten::mkldnn_convolution', 'conv'), ('mkldnn::_convolution_pointwise', 'conv'),
+    ('sm80_xmma_fprop_implicit_gemm_indexed_f32f32', 'conv'), ('aten::convolution_backward', 'conv'),
+    ('aten::native_layer_norm', 'other'), ('aten::gelu', 'other'), ('aten::_softmax', 'other'),
+    ('graph_0_cpp_fused_convert_element_type_gelu_3', 'other'), ('## Call CompiledFxGraph abc ##', 'other'),
+])
+def test_op_category(throughput, name, category):
+    assert throughput.op_category(name) == category
 
 
 @pytest.mark.parametrize('fused', [True, False])

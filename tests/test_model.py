@@ -116,6 +116,8 @@ def test_count_macs_inputs_and_convention():
     attn = InteractiveWindowAttention(16, num_heads=2, ws=7)
     macs = count_macs(attn, lambda: attn(torch.zeros(1, 196, 16), (14, 14)))
     assert macs.attention == 2 * 4 * 49 * 49 * 16  # 2 products x 4 windows x 49 queries x 49 keys x C
+    assert macs.convolution == 196 * 16 * 9  # the LIM's depthwise 3x3: 9 per output value
+    assert macs.linear == 196 * 16 * (3 * 16 + 16)  # qkv and proj
 
 
 # ---------------------------------------------------------------------------------------------------------------
