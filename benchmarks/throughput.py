@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone
 import timm
 
 from scalablevit.inference import optimize_for_inference
-from scalablevit.info import count_macs
+from scalablevit.info import count_macs_by_op
 from scalablevit.model import InteractiveWindowAttention, ScalableSelfAttention, ScalableViT  # registers models
 
 _logger = logging.getLogger('throughput')
@@ -532,8 +532,11 @@ def main(args: argparse.Namespace) -> List[Dict]:
         macs = None
         for impl, model in build_models(name, args.impl, args.img_size, args.model_args):
             if macs is None and not args.no_limit:
-                macs = count_macs(model, args.img_size)
-            flops, linear_flops = (2. * macs.total, 2. * macs.linear) if macs else (None, None)  # x 2: FLOPs
+                macs = count_macs_by_op(model, args.img_size)
+            # FLOPs = 2 x multiply-adds; the Linear layers' are what neither attention (bmm) nor convolution takes
+            flops, linear_flops = ((2. * sum(macs.values()),
+                                    2. * sum(v for k, v in macs.items() if k not in ('aten.bmm', 'aten.convolution')))
+                                   if macs else (None, None))
             combos = [(mode, dtype, compiled, batch) for mode in args.mode for dtype in args.dtype
                       for compiled in compiled_opts for batch in args.batch]
             if impl == 'optimized':  # one inference row per dtype and batch: optimize_for_inference compiles

@@ -18,13 +18,14 @@ the attention products. Norms, activations and softmax are not counted (as in fv
 import argparse
 import logging
 from contextlib import contextmanager
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ['MacCount', 'PUBLISHED', 'count_macs', 'count_params', 'describe', 'plain_attention', 'table']
+__all__ = ['MacCount', 'PUBLISHED', 'count_macs', 'count_macs_by_op', 'count_params', 'describe', 'plain_attention',
+           'table']
 
 _logger = logging.getLogger(__name__)
 
@@ -37,19 +38,13 @@ PUBLISHED = {
 
 
 class MacCount(NamedTuple):
-    """Multiply-adds of one forward pass: ``total`` and, of those, the ``attention`` products and the
-    ``convolution`` ones; ``.linear`` is the rest (the Linear layers' matrix products).
+    """Multiply-adds of one forward pass: ``total`` and, of those, the ``attention`` products.
 
     Counters of the mmcv 1.x era (the detection and segmentation tables of the paper and its peers, and the
     classification FLOPs of many papers) did not see the attention products: ``without_attention`` is that number.
     """
     total: int
     attention: int
-    convolution: int = 0
-
-    @property
-    def linear(self) -> int:
-        return self.total - self.attention - self.convolution
 
     @property
     def without_attention(self) -> int:
@@ -74,28 +69,14 @@ def plain_attention(model: nn.Module):
 
 
 @torch.no_grad()
-def count_macs(
+def count_macs_by_op(
         model: nn.Module,
         inputs: Union[int, Tuple[int, int], torch.Tensor, Callable[[], Any]] = 224,
         in_chans: int = 3,
-) -> MacCount:
-    """Multiply-adds of one forward pass of ``model`` in eval mode, with attention on the plain path.
-
-    Args:
-        model: any module; it is put in eval mode (and back), and every ``fused_attn`` flag is switched off for
-            the count, so that the attention products are seen.
-        inputs: the image size of a zero batch of one image (``int`` or ``(H, W)``) passed as ``model(x)``; or
-            that batch itself (a tensor); or a callable without arguments that runs the forward pass (for models
-            whose forward takes more than images, e.g. ``lambda: detector(x, [sample], mode='tensor')``).
-        in_chans: channels of the zero batch.
-
-    Returns:
-        ``MacCount(total, attention, convolution)``; ``.without_attention`` is ``total - attention``, ``.linear``
-        what neither attention nor convolution takes.
-
-    On the plain path the two attention products (``q @ k^T``, ``attn @ v``) are the only batched matmuls
-    (``aten.bmm``); convolutions and linears go through convolution / mm / addmm.
-    """
+) -> Dict[str, int]:
+    """Multiply-adds of one forward pass, per aten op (``'aten.addmm'``, ``'aten.mm'``: Linear layers;
+    ``'aten.bmm'``: the attention products; ``'aten.convolution'``; ...). Same arguments and conventions as
+    :func:`count_macs`, which sums these."""
     if callable(inputs) and not isinstance(inputs, torch.Tensor):
         run = inputs
     else:
@@ -120,9 +101,33 @@ def count_macs(
             run()
     finally:
         model.train(was_training)
-    ops = {str(op): n // 2 for op, n in counter.get_flop_counts().get('Global', {}).items()}
-    return MacCount(total=sum(ops.values()), attention=ops.get('aten.bmm', 0),
-                    convolution=ops.get('aten.convolution', 0))
+    return {str(op): n // 2 for op, n in counter.get_flop_counts().get('Global', {}).items()}
+
+
+def count_macs(
+        model: nn.Module,
+        inputs: Union[int, Tuple[int, int], torch.Tensor, Callable[[], Any]] = 224,
+        in_chans: int = 3,
+) -> MacCount:
+    """Multiply-adds of one forward pass of ``model`` in eval mode, with attention on the plain path.
+
+    Args:
+        model: any module; it is put in eval mode (and back), and every ``fused_attn`` flag is switched off for
+            the count, so that the attention products are seen.
+        inputs: the image size of a zero batch of one image (``int`` or ``(H, W)``) passed as ``model(x)``; or
+            that batch itself (a tensor); or a callable without arguments that runs the forward pass (for models
+            whose forward takes more than images, e.g. ``lambda: detector(x, [sample], mode='tensor')``).
+        in_chans: channels of the zero batch.
+
+    Returns:
+        ``MacCount(total, attention)``; ``.without_attention`` is ``total - attention``. Per op:
+        :func:`count_macs_by_op`.
+
+    On the plain path the two attention products (``q @ k^T``, ``attn @ v``) are the only batched matmuls
+    (``aten.bmm``); convolutions and linears go through convolution / mm / addmm.
+    """
+    ops = count_macs_by_op(model, inputs, in_chans)
+    return MacCount(total=sum(ops.values()), attention=ops.get('aten.bmm', 0))
 
 
 def describe(model: nn.Module, input_size: Union[int, Tuple[int, int]] = 224, in_chans: int = 3) -> str:

@@ -111,6 +111,13 @@ def test_param_counts_match_seed_table(name):
         assert _cfg(three_x).model == _cfg(name).model
 
 
+def test_get_flops_prints_params_and_flops():
+    out = _ok([sys.executable, osp.join(DET, 'get_flops.py'), TINY_MASK, '--shape', '128', '128'], ROOT)
+    m = re.search(r'FLOPs at 128x128 \(W x H\): ([\d.]+) G \(([\d.]+) G without the attention products\)', out)
+    assert m and float(m.group(1)) >= float(m.group(2)) > 0, out[-2000:]
+    assert re.search(r'params: [\d.]+ M \(backbone [\d.]+ M\)', out), out[-2000:]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # End to end on the tiny dataset.
 

@@ -10,7 +10,7 @@ from timm.optim._param_groups import param_groups_layer_decay
 
 import scalablevit
 from scalablevit import InteractiveWindowAttention, ScalableViT
-from scalablevit.info import count_macs, count_params
+from scalablevit.info import count_macs, count_macs_by_op, count_params
 
 # Relative (L2) error allowed against the released code's outputs. Measured in float32 on CPU, fused and plain
 # alike: logits <= 9.4e-7, last-block tokens of every stage <= 1.4e-6 (tiny, S, and S with the eps probe).
@@ -116,8 +116,10 @@ def test_count_macs_inputs_and_convention():
     attn = InteractiveWindowAttention(16, num_heads=2, ws=7)
     macs = count_macs(attn, lambda: attn(torch.zeros(1, 196, 16), (14, 14)))
     assert macs.attention == 2 * 4 * 49 * 49 * 16  # 2 products x 4 windows x 49 queries x 49 keys x C
-    assert macs.convolution == 196 * 16 * 9  # the LIM's depthwise 3x3: 9 per output value
-    assert macs.linear == 196 * 16 * (3 * 16 + 16)  # qkv and proj
+    ops = count_macs_by_op(attn, lambda: attn(torch.zeros(1, 196, 16), (14, 14)))
+    assert sum(ops.values()) == macs.total and ops['aten.bmm'] == macs.attention
+    assert ops['aten.convolution'] == 196 * 16 * 9  # the LIM's depthwise 3x3: 9 per output value
+    assert ops.get('aten.addmm', 0) + ops.get('aten.mm', 0) == 196 * 16 * (3 * 16 + 16)  # qkv and proj
 
 
 # ---------------------------------------------------------------------------------------------------------------
