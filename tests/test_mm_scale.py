@@ -14,6 +14,8 @@ import mmseg  # noqa: F401
 import pytest
 import torch
 
+import scalablevit.mm_compat  # noqa: F401  (allow-lists mmengine's checkpoint classes for the weights_only loads below)
+
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 DET = osp.join(ROOT, 'detection')
 SEG = osp.join(ROOT, 'segmentation')

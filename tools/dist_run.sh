@@ -24,6 +24,7 @@ MASTER_ADDR=${MASTER_ADDR:-"127.0.0.1"}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 
 export PYTHONPATH="$REPO":$PYTHONPATH
+export PYTHONFAULTHANDLER=${PYTHONFAULTHANDLER:-1}  # a process that crashes prints its Python stack
 # The start-up checks (command line, config, data, checkpoint) run once, in one process, before any is started:
 # a problem is one line, not one per process.
 python "$SCRIPT" "${@:3}" --preflight || exit $?
