@@ -226,12 +226,6 @@ class Row:
             totals[op_category(ev.key)] += us / 1e6 / iters
         self.breakdown = totals
 
-    def linear_rate(self) -> Optional[float]:
-        """FLOP/s of the Linear layers' matrix products alone: their FLOPs over the time the breakdown gives them."""
-        if not self.breakdown or not self.linear_flops_per_img or not self.breakdown['linear']:
-            return None
-        return self.batch * self.linear_flops_per_img * (3 if self.mode == 'train' else 1) / self.breakdown['linear']
-
     @property
     def step_s(self) -> float:
         """Seconds per step: the median of the repeats, or the best one (``stat='min'``, for a loaded machine)."""
@@ -241,12 +235,22 @@ class Row:
     def img_per_s(self) -> float:
         return self.batch / self.step_s
 
+    def _rate(self, flops_per_img: Optional[float], seconds: Optional[float]) -> Optional[float]:
+        """FLOP/s of a step's batch doing ``flops_per_img`` (one forward pass; x3 for a training step: forward + two
+        backward products) in ``seconds``; None when either is unknown."""
+        if not flops_per_img or not seconds:
+            return None
+        return self.batch * flops_per_img * (3 if self.mode == 'train' else 1) / seconds
+
     @property
     def flop_rate(self) -> Optional[float]:
-        """Achieved FLOP/s: img/s x FLOPs per image (x3 for a training step: forward + two backward products)."""
-        if not self.flops_per_img:
-            return None
-        return self.img_per_s * self.flops_per_img * (3 if self.mode == 'train' else 1)
+        """Achieved FLOP/s of the model: img/s x FLOPs per image."""
+        return self._rate(self.flops_per_img, self.step_s)
+
+    @property
+    def linear_flop_rate(self) -> Optional[float]:
+        """FLOP/s of the Linear layers' matrix products alone: their FLOPs over the time the breakdown gives them."""
+        return self._rate(self.linear_flops_per_img, self.breakdown['linear'] if self.breakdown else None)
 
     @property
     def frac_of_limit(self) -> Optional[float]:
@@ -254,7 +258,7 @@ class Row:
         return rate / self.limit if rate and self.limit else None
 
     def record(self) -> Dict:
-        rate, frac = self.flop_rate, self.frac_of_limit
+        rate, frac, linear_rate = self.flop_rate, self.frac_of_limit, self.linear_flop_rate
         return dict(
             model=self.name, impl=self.impl, device=self.device.type, dtype=self.dtype, batch=self.batch,
             mode=self.mode, compiled=self.compiled, img_per_s=round(self.img_per_s, 3),
@@ -266,7 +270,7 @@ class Row:
             frac_of_limit=None if frac is None else round(frac, 4),
             median_s=statistics.median(self.times), min_s=min(self.times), times_s=self.times,
             breakdown_s=self.breakdown,
-            linear_gflop_per_s=None if self.linear_rate() is None else round(self.linear_rate() / 1e9, 2),
+            linear_gflop_per_s=None if linear_rate is None else round(linear_rate / 1e9, 2),
         )
 
 
@@ -299,7 +303,7 @@ def format_breakdown(rows: List['Row']) -> str:
         if r.breakdown is None:
             continue
         total = sum(r.breakdown.values())
-        rate = r.linear_rate()
+        rate = r.linear_flop_rate
         lines.append([r.name, r.impl, r.dtype, str(r.batch), f'{1e3 * total:.1f}',
                       *[f'{100 * r.breakdown[c] / total:.0f}' for c in OP_CATEGORIES],
                       '-' if rate is None else f'{rate / 1e9:.1f}',

@@ -31,6 +31,7 @@ from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
+from timm.layers import get_device_dtype
 
 __all__ = ['OptimizedModel', 'optimize_for_inference']
 
@@ -115,7 +116,8 @@ def optimize_for_inference(
     model.eval().requires_grad_(False)
     if hasattr(model, 'set_fused_attn'):
         if fused_attn is None:
-            fused_attn = not (compile and _device_type(model) == 'cpu')
+            device = get_device_dtype(model)['device']  # of its first parameter
+            fused_attn = not (compile and (device is None or device.type == 'cpu'))
         model.set_fused_attn(fused_attn)
 
     compiled = None
@@ -136,13 +138,6 @@ def optimize_for_inference(
                 raise ValueError(f'optimize_for_inference: optimized output differs from eager by {err:.2e} '
                                  f'(relative, tolerance {tol:.0e}); use compile=False or report the model/shape')
     return optimized
-
-
-def _device_type(model: nn.Module) -> str:
-    """Device type of the model's first parameter or buffer; 'cpu' for a model with neither."""
-    for t in (*model.parameters(), *model.buffers()):
-        return t.device.type
-    return 'cpu'
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
