@@ -7,7 +7,7 @@
 Each step runs in order under one time budget (``--budget-s``, 450 s by default on CUDA, so the whole check ends
 in under 8 minutes on one H100): a step whose estimate no longer fits is skipped and says so. The results go to
 ``DIR/device_check.json`` (every step's status, seconds, numbers and the throughput rows) and
-``DIR/device_check.md`` (a summary with the targets of issue 14); the output of every command is appended to
+``DIR/device_check.md`` (a summary with the speed targets); the output of every command is appended to
 ``DIR/device_check.log``. Scratch files (checkpoints, work dirs, data) go to ``--work`` (a temporary folder).
 
 Steps: ``env``, ``correctness`` (fused vs plain attention vs the released code's outputs in ``tests/data``, fp32,
@@ -360,7 +360,7 @@ class DeviceCheck:
                  f'budget.', '', '| step | status | seconds | note |', '| --- | --- | --- | --- |']
         for s in self.steps:
             lines.append(f'| {s["name"]} | {s["status"]} | {s["seconds"]} | {(s["error"] or "").replace("|", "/")} |')
-        lines += ['', '## Targets (issue 14)', ''] + self._targets()
+        lines += ['', '## Targets', ''] + self._targets()
         corr = next((s['data'] for s in self.steps if s['name'] == 'correctness' and s['data']), None)
         if corr:
             lines += ['', '## Correctness (max |out - ref| / max |ref| of the logits)', '',

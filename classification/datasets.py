@@ -11,8 +11,10 @@ from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 from torchvision.transforms import v2
 
+from scalablevit.errors import UserError
+
 # isort: split
-from utils import UsageError, plain
+from utils import plain
 
 DATA_SETS = ('IMNET', 'DIGITS')
 
@@ -24,23 +26,23 @@ def read_image(path: str) -> Image.Image:
             img = Image.open(f)
             return img.convert('RGB')
     except UnidentifiedImageError as e:
-        raise UsageError(f'cannot read image {path}: not an image file PIL can open (corrupt, truncated or another '
+        raise UserError(f'cannot read image {path}: not an image file PIL can open (corrupt, truncated or another '
                          f'format); remove or replace it') from e
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise UsageError(f'cannot read image {path}: {e}; remove or replace it') from e
+        raise UserError(f'cannot read image {path}: {e}; remove or replace it') from e
 
 
 def _image_folder(root: str, split: str, transform: Callable) -> datasets.ImageFolder:
     expected = f'expected {root}/{split}/<class>/<image> (the ImageFolder layout: one sub-folder per class)'
     if not os.path.isdir(root):
-        raise UsageError(f'--data-path {root} is not a folder; {expected}')
+        raise UserError(f'--data-path {root} is not a folder; {expected}')
     path = os.path.join(root, split)
     if not os.path.isdir(path):
-        raise UsageError(f'{path} not found; {expected}')
+        raise UserError(f'{path} not found; {expected}')
     try:
         return datasets.ImageFolder(path, transform=transform, loader=read_image)
     except FileNotFoundError as e:
-        raise UsageError(f'{path}: {e}; {expected}') from e
+        raise UserError(f'{path}: {e}; {expected}') from e
 
 
 def build_dataset(is_train: bool, args: argparse.Namespace) -> Tuple[Dataset, int]:
@@ -50,7 +52,7 @@ def build_dataset(is_train: bool, args: argparse.Namespace) -> Tuple[Dataset, in
         return dataset, dataset.num_classes
     if args.data_set == 'IMNET':
         if args.data_path is None:
-            raise UsageError('--data-path is required for --data-set IMNET (a folder with train/ and val/)')
+            raise UserError('--data-path is required for --data-set IMNET (a folder with train/ and val/)')
         dataset = _image_folder(args.data_path, 'train' if is_train else 'val', build_transform(is_train, args))
         if not is_train:  # the labels of val must mean what they mean in train
             train_dir = os.path.join(args.data_path, 'train')
@@ -59,10 +61,10 @@ def build_dataset(is_train: bool, args: argparse.Namespace) -> Tuple[Dataset, in
                 if train_classes != dataset.classes:
                     only_train = sorted(set(train_classes) - set(dataset.classes))[:5]
                     only_val = sorted(set(dataset.classes) - set(train_classes))[:5]
-                    raise UsageError(f'class folders of {args.data_path}/train and /val differ '
+                    raise UserError(f'class folders of {args.data_path}/train and /val differ '
                                      f'(only in train: {only_train}, only in val: {only_val})')
         return dataset, len(dataset.classes)
-    raise UsageError(f'unknown --data-set {args.data_set!r}; choose from {", ".join(DATA_SETS)}')
+    raise UserError(f'unknown --data-set {args.data_set!r}; choose from {", ".join(DATA_SETS)}')
 
 
 def posterize(img: Image.Image, bits_to_keep: int, **__) -> Image.Image:
@@ -142,7 +144,7 @@ def build_eval_transform(pretrained_cfg: Dict[str, Any]) -> Callable:
     transform (resize the short side to ``size / crop_pct``, ``crop_mode`` crop to ``size``, normalise)."""
     missing = [k for k in ('input_size', 'interpolation', 'crop_pct', 'mean', 'std') if k not in pretrained_cfg]
     if missing:
-        raise UsageError(f'preprocessing config lacks {", ".join(missing)}: {pretrained_cfg}')
+        raise UserError(f'preprocessing config lacks {", ".join(missing)}: {pretrained_cfg}')
     return create_transform(
         input_size=tuple(pretrained_cfg['input_size']),
         is_training=False,

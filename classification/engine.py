@@ -15,6 +15,8 @@ from torch.utils.data import DataLoader
 # isort: split
 import utils
 
+from scalablevit.signals import StopOnSignal
+
 _logger = logging.getLogger(__name__)
 
 
@@ -66,7 +68,7 @@ def train_one_epoch(
         grad_accum_steps: int = 1,
         start_step: int = 0,
         seed_step: Optional[Callable[[int], None]] = None,
-        stop: Optional[utils.StopOnSignal] = None,
+        stop: Optional[StopOnSignal] = None,
 ) -> Dict[str, float]:
     """One epoch (or its rest, from micro-batch ``start_step``); returns the averaged meters.
 

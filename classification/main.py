@@ -34,7 +34,10 @@ from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 from torch.utils.data.distributed import DistributedSampler
 
 import scalablevit  # registers scalable_vit_small/base/large with timm
+from scalablevit.cli import AMP_DTYPES, ParseKwargs
+from scalablevit.errors import EXIT_ERROR, EXIT_STOPPED, UserError, error_line
 from scalablevit.info import count_params, describe
+from scalablevit.signals import StopOnSignal
 
 # isort: split
 import utils
@@ -44,8 +47,6 @@ from samplers import RASampler, ShardedEvalSampler
 
 _logger = logging.getLogger('main')
 _started: Optional[str] = None  # 'train' / 'eval' once the loop runs: errors from then on may be one process's own
-
-AMP_DTYPES = {'float16': torch.float16, 'bfloat16': torch.bfloat16}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -59,7 +60,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group('Model')
     group.add_argument('--model', default='scalable_vit_small', type=str, metavar='MODEL',
                        help='timm model name (scalable_vit_small/base/large or any timm model)')
-    group.add_argument('--model-kwargs', nargs='*', default={}, action=utils.ParseKwargs, metavar='KEY=VALUE',
+    group.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
                        help='extra model arguments as Python literals, e.g. depths=1,1,1,1 mlp_head=False')
     group.add_argument('--input-size', default=None, type=int,
                        help='image size (default: 224; 32 for DIGITS)')
@@ -156,7 +157,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace):
     """Input problems that can be found from the command line alone, before any data is scanned or model built.
 
-    Raises :class:`utils.UsageError` with one line naming the problem and the fix.
+    Raises :class:`UserError` with one line naming the problem and the fix.
     """
     if args.input_size is None:
         args.input_size = 32 if args.data_set == 'DIGITS' else 224
@@ -166,35 +167,35 @@ def check_args(args: argparse.Namespace):
                              ('--grad-accum-steps', args.grad_accum_steps, 1), ('--input-size', args.input_size, 1),
                              ('--num_workers', args.num_workers, 0), ('--checkpoint-hist', args.checkpoint_hist, 0)):
         if value < low:
-            raise utils.UsageError(f'{flag} must be at least {low}, got {value}')
+            raise UserError(f'{flag} must be at least {low}, got {value}')
     if not timm.is_model(args.model):
         close = difflib.get_close_matches(args.model, timm.list_models(), n=3)
         hint = f'did you mean {", ".join(close)}?' if close else 'see timm.list_models()'
-        raise utils.UsageError(f'--model {args.model}: no such timm model; {hint}')
+        raise UserError(f'--model {args.model}: no such timm model; {hint}')
     check_model_kwargs(args.model, args.model_kwargs)
     training = not (args.eval or args.throughput)
     mixup_active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
     if training and mixup_active and args.batch_size % 2:
-        raise utils.UsageError(f'mixup/cutmix pair the images of a batch: --batch-size must be even, got '
+        raise UserError(f'mixup/cutmix pair the images of a batch: --batch-size must be even, got '
                                f'{args.batch_size} (or turn them off with --mixup 0 --cutmix 0)')
     for flag, path in (('--resume', args.resume), ('--finetune', args.finetune)):
         if path and path != 'auto' and not path.startswith(('https://', 'http://')) and not os.path.isfile(path):
-            raise utils.UsageError(f'{flag} {path}: checkpoint not found')
+            raise UserError(f'{flag} {path}: checkpoint not found')
     if args.finetune == 'auto':
-        raise utils.UsageError('--finetune auto: give a checkpoint file (only --resume takes "auto")')
+        raise UserError('--finetune auto: give a checkpoint file (only --resume takes "auto")')
     if args.resume == 'auto' and not args.output_dir:
-        raise utils.UsageError('--resume auto looks for checkpoints in --output_dir; give one')
+        raise UserError('--resume auto looks for checkpoints in --output_dir; give one')
     if args.resume == 'auto' and not training:
-        raise utils.UsageError('--resume auto is for training; give --eval a checkpoint file')
+        raise UserError('--resume auto is for training; give --eval a checkpoint file')
     if args.output_dir and training:
         check_output_dir(args.output_dir)
     if args.tensorboard and importlib.util.find_spec('tensorboard') is None:
-        raise utils.UsageError('--tensorboard needs the tensorboard package: pip install tensorboard')
+        raise UserError('--tensorboard needs the tensorboard package: pip install tensorboard')
     if args.data_set == 'IMNET' and not args.throughput:
         if args.data_path is None:
-            raise utils.UsageError('--data-path is required for --data-set IMNET (a folder with train/ and val/)')
+            raise UserError('--data-path is required for --data-set IMNET (a folder with train/ and val/)')
         if not os.path.isdir(args.data_path):
-            raise utils.UsageError(f'--data-path {args.data_path} is not a folder; expected {args.data_path}/train/'
+            raise UserError(f'--data-path {args.data_path} is not a folder; expected {args.data_path}/train/'
                                    f'<class>/<image> and {args.data_path}/val/<class>/<image> (the ImageFolder layout)')
 
 
@@ -211,7 +212,7 @@ def check_model_kwargs(model_name: str, kwargs: dict):
     if unknown:
         close = difflib.get_close_matches(unknown[0], names, n=1)
         hint = f' (did you mean {close[0]}?)' if close else ''
-        raise utils.UsageError(f'--model-kwargs: {model_name} takes no argument {", ".join(unknown)}{hint}; '
+        raise UserError(f'--model-kwargs: {model_name} takes no argument {", ".join(unknown)}{hint}; '
                                f'it takes {", ".join(names)}')
 
 
@@ -221,10 +222,10 @@ def check_output_dir(output_dir: str):
     for folder in (path, *path.parents):
         if folder.exists():
             if not folder.is_dir():
-                raise utils.UsageError(f'--output_dir {output_dir}: {folder} is a file, not a folder; '
+                raise UserError(f'--output_dir {output_dir}: {folder} is a file, not a folder; '
                                        f'choose another --output_dir')
             if not os.access(folder, os.W_OK | os.X_OK):
-                raise utils.UsageError(f'--output_dir {output_dir}: no permission to write in {folder}; '
+                raise UserError(f'--output_dir {output_dir}: no permission to write in {folder}; '
                                        f'choose another --output_dir')
             return
 
@@ -236,7 +237,7 @@ def create_model(args: argparse.Namespace) -> torch.nn.Module:
     except TypeError as e:
         if 'unexpected keyword argument' not in str(e):
             raise
-        raise utils.UsageError(f'--model-kwargs: {args.model} does not take one of {", ".join(args.model_kwargs)} '
+        raise UserError(f'--model-kwargs: {args.model} does not take one of {", ".join(args.model_kwargs)} '
                                f'({e})') from e
 
 
@@ -272,7 +273,7 @@ def build_loaders(args: argparse.Namespace):
     loader_train = DataLoader(dataset_train, sampler=sampler_train, batch_size=args.batch_size,
                               num_workers=args.num_workers, pin_memory=pin, drop_last=True)
     if len(loader_train) == 0 and not (args.eval or args.throughput):
-        raise utils.UsageError(f'{len(sampler_train)} training images per process is less than one batch of '
+        raise UserError(f'{len(sampler_train)} training images per process is less than one batch of '
                                f'{args.batch_size}; lower --batch-size')
     loader_val = DataLoader(dataset_val, sampler=sampler_val, batch_size=args.batch_size,
                             num_workers=args.num_workers, pin_memory=pin, drop_last=False)
@@ -450,7 +451,7 @@ def main(args: argparse.Namespace):
     test_stats = None
     _logger.info(f'training for {args.epochs - args.start_epoch} epochs')
     start_time = time.time()
-    with utils.StopOnSignal() as stop:
+    with StopOnSignal() as stop:
         for epoch in range(args.start_epoch, args.epochs):
             # Seed per epoch (sampler order, loader workers) and per step (augmentation, mixup, dropout), so that a
             # resumed run, even one resumed mid-epoch, draws the same numbers as an uninterrupted one.
@@ -504,7 +505,10 @@ def main(args: argparse.Namespace):
             if epoch + 1 < args.epochs and stop.requested(device):
                 _logger.warning(f'stopped by {stop.received} after epoch {epoch}'
                                 + ('; rerun with --resume auto to continue' if output_dir is not None else ''))
-                break
+                if writer is not None:
+                    writer.close()
+                return dict(max_accuracy=max_accuracy, last=test_stats, model=model_without_ddp,
+                            stopped=(epoch + 1, 0))
     if writer is not None:
         writer.close()
 
@@ -534,14 +538,14 @@ def cli(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout,
                         format='%(asctime)s %(message)s', datefmt='%H:%M:%S')
     try:
-        main(args)
-    except (utils.UsageError, FloatingPointError) as e:
+        result = main(args)
+    except (UserError, FloatingPointError) as e:
         # Problems with the command line, the data set or a checkpoint are the same on every process: rank 0 says
         # it. Problems met while training or evaluating (an unreadable image, a full disk) are said by the process
         # that met them.
         if rank == 0 or _started is not None:
-            print(f'error: {utils.error_line(e)}', file=sys.stderr, flush=True)
-        return 1
+            print(f'error: {error_line(e)}', file=sys.stderr, flush=True)
+        return EXIT_ERROR
     except (RuntimeError, OSError) as e:
         if utils.get_world_size() > 1 and _is_comm_error(e):
             print(f'error: process {rank} lost contact with the other processes ({type(e).__name__}): another '
@@ -551,7 +555,8 @@ def cli(argv=None) -> int:
     finally:
         if utils.is_dist_avail_and_initialized():
             torch.distributed.destroy_process_group()
-    return 0
+    # stopped by SIGTERM / SIGUSR1 with its checkpoint written: the status a requeueing script tests for
+    return EXIT_STOPPED if isinstance(result, dict) and result.get('stopped') else 0
 
 
 if __name__ == '__main__':

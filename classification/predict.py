@@ -15,7 +15,6 @@ either. An image that cannot be read is reported by name and skipped; the rest a
 "prob": float}, ...]}``, in input order.
 """
 import argparse
-import glob
 import json
 import logging
 import os
@@ -26,19 +25,18 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import timm
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
 import scalablevit  # registers scalable_vit_small/base/large with timm
-from scalablevit.checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict
+from scalablevit.checkpoint import atomic_write, load_checkpoint, load_state_dict_strict
+from scalablevit.cli import AMP_DTYPES, ParseKwargs, collect_images
+from scalablevit.errors import UserError, run_main
 
 # isort: split
 from datasets import build_eval_transform, read_image
-from utils import ParseKwargs, UsageError
 
 _logger = logging.getLogger('predict')
 
-AMP_DTYPES = {'float16': torch.float16, 'bfloat16': torch.bfloat16}
 PREPROCESS_KEYS = ('input_size', 'interpolation', 'crop_pct', 'crop_mode', 'mean', 'std')
 
 
@@ -78,36 +76,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------------------------------
 # Inputs
 
-def _is_image(path: str) -> bool:
-    return path.lower().endswith(IMG_EXTENSIONS)
-
-
-def collect_images(inputs: Sequence[str]) -> List[str]:
-    """Files named by ``inputs`` (files as given, folders recursively, globs), in order, without repeats."""
-    found: List[str] = []
-    for item in inputs:
-        if os.path.isfile(item):
-            found.append(item)
-            continue
-        if os.path.isdir(item):
-            roots = [item]
-        else:
-            roots = sorted(glob.glob(item, recursive=True))
-            if not roots:
-                raise UsageError(f'{item}: no such file or folder, and no file matches it as a glob pattern')
-        n = len(found)
-        for root in roots:
-            if os.path.isfile(root):
-                found.append(root)
-                continue
-            for folder, dirs, files in os.walk(root, followlinks=True):
-                dirs.sort()
-                found += [os.path.join(folder, f) for f in sorted(files) if _is_image(f)]
-        if len(found) == n:
-            raise UsageError(f'{item}: no image files ({", ".join(IMG_EXTENSIONS)}) in it')
-    return list(dict.fromkeys(found))
-
-
 class ImageFiles(Dataset):
     """Paths -> (index, tensor or None, error or None): an unreadable file becomes an error, not an exception."""
 
@@ -121,7 +89,7 @@ class ImageFiles(Dataset):
     def __getitem__(self, i: int) -> Tuple[int, Optional[torch.Tensor], Optional[str]]:
         try:
             return i, self.transform(read_image(self.paths[i])), None
-        except UsageError as e:
+        except UserError as e:
             return i, None, str(e)
 
 
@@ -138,17 +106,14 @@ def _collate(items):
 
 def _read_class_names(path: str) -> List[str]:
     if not os.path.isfile(path):
-        raise UsageError(f'--class-names {path}: file not found (expected one label per line)')
+        raise UserError(f'--class-names {path}: file not found (expected one label per line)')
     with open(path) as f:
         return [line.rstrip('\n') for line in f if line.strip()]
 
 
 def build_model(args: argparse.Namespace) -> Tuple[torch.nn.Module, List[str], Dict[str, Any]]:
     """The model with the checkpoint's weights (strict), the class names and the preprocessing config."""
-    try:
-        checkpoint = load_checkpoint(args.checkpoint)
-    except CheckpointError as e:
-        raise UsageError(str(e)) from e
+    checkpoint = load_checkpoint(args.checkpoint)
     meta = checkpoint.get('meta') if isinstance(checkpoint.get('meta'), dict) else None
     if meta is not None:
         name = args.model or meta['model']
@@ -157,7 +122,7 @@ def build_model(args: argparse.Namespace) -> Tuple[torch.nn.Module, List[str], D
         class_names = list(meta.get('class_names') or [])
     else:
         if not args.model:
-            raise UsageError(f'{args.checkpoint} records no model (no "meta" entry: a released or weights-only '
+            raise UserError(f'{args.checkpoint} records no model (no "meta" entry: a released or weights-only '
                              f'file); give --model NAME, e.g. --model scalable_vit_small')
         name, kwargs, num_classes, class_names = args.model, dict(args.model_kwargs), args.num_classes, []
     if num_classes is not None:
@@ -165,18 +130,15 @@ def build_model(args: argparse.Namespace) -> Tuple[torch.nn.Module, List[str], D
     try:
         model = timm.create_model(name, pretrained=False, **kwargs)
     except (RuntimeError, TypeError, ValueError, AssertionError) as e:
-        raise UsageError(f'cannot build model {name} with {kwargs}: {str(e).splitlines()[0]}') from e
+        raise UserError(f'cannot build model {name} with {kwargs}: {str(e).splitlines()[0]}') from e
 
     source = args.checkpoint
     if args.ema:
         if not isinstance(checkpoint.get('model_ema'), dict):
-            raise UsageError(f'--ema: {args.checkpoint} has no model_ema weights')
+            raise UserError(f'--ema: {args.checkpoint} has no model_ema weights')
         checkpoint, source = checkpoint['model_ema'], f'{args.checkpoint} (model_ema)'
-    try:
-        load_state_dict_strict(model, scalablevit.unwrap_state_dict(checkpoint), source,
-                               hint='check --model / --model-kwargs / --num-classes')
-    except CheckpointError as e:
-        raise UsageError(str(e)) from e
+    load_state_dict_strict(model, scalablevit.unwrap_state_dict(checkpoint), source,
+                           hint='check --model / --model-kwargs / --num-classes')
 
     n = getattr(model, 'num_classes', None) or model.get_classifier().out_features
     if args.class_names:
@@ -184,7 +146,7 @@ def build_model(args: argparse.Namespace) -> Tuple[torch.nn.Module, List[str], D
     elif not class_names:
         class_names = timm.data.ImageNetInfo().label_descriptions() if n == 1000 else [str(i) for i in range(n)]
     if len(class_names) != n:
-        raise UsageError(f'{len(class_names)} class names for a model with {n} classes')
+        raise UserError(f'{len(class_names)} class names for a model with {n} classes')
 
     cfg = dict(meta['pretrained_cfg']) if meta is not None and 'pretrained_cfg' in meta else \
         {k: v for k, v in timm.data.resolve_data_config(model=model).items()}
@@ -201,7 +163,7 @@ def build_model(args: argparse.Namespace) -> Tuple[torch.nn.Module, List[str], D
 @torch.no_grad()
 def predict(args: argparse.Namespace) -> List[Dict[str, Any]]:
     if args.topk < 1:
-        raise UsageError(f'--topk must be at least 1, got {args.topk}')
+        raise UserError(f'--topk must be at least 1, got {args.topk}')
     paths = collect_images(args.inputs)
     device = torch.device(args.device)
     model, class_names, cfg = build_model(args)
@@ -237,14 +199,11 @@ def predict(args: argparse.Namespace) -> List[Dict[str, Any]]:
             best = r['topk'][0]
             print(f'{r["image"]}: {best["label"]} ({best["prob"]:.3f})')
     if args.results_file:
-        folder = os.path.dirname(os.path.abspath(args.results_file))
-        os.makedirs(folder, exist_ok=True)
-        tmp = f'{args.results_file}.tmp.{os.getpid()}'
-        with open(tmp, 'w') as f:
-            json.dump(ordered, f, indent=1)
-        os.replace(tmp, args.results_file)
+        atomic_write(args.results_file, json.dumps(ordered, indent=1))
     _logger.info(f'predicted {len(ordered)} images, skipped {len(skipped)} unreadable'
                  + (f'; results in {args.results_file}' if args.results_file else ''))
+    if not ordered:
+        raise UserError('none of the images could be read (see the "skipped" lines above)')
     return ordered
 
 
@@ -252,15 +211,7 @@ def cli(argv=None) -> int:
     parser = argparse.ArgumentParser('ScalableViT classification predictions', parents=[get_args_parser()])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format='%(asctime)s %(message)s', datefmt='%H:%M:%S')
-    try:
-        ordered = predict(args)
-    except UsageError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 1
-    if not ordered:
-        print('error: none of the images could be read (see the "skipped" lines above)', file=sys.stderr)
-        return 1
-    return 0
+    return run_main(predict, args)
 
 
 if __name__ == '__main__':

@@ -1,14 +1,11 @@
 """Distributed set-up, metric logging and checkpoint I/O for the classification scripts (DeiT's ``utils.py``)."""
 import argparse
 import datetime
-import errno
 import logging
 import os
 import random
 import shutil
-import signal
 import subprocess
-import threading
 import time
 from collections import defaultdict, deque
 from pathlib import Path
@@ -19,23 +16,8 @@ import torch
 import torch.distributed as dist
 
 import scalablevit.checkpoint as scalablevit_checkpoint
-from scalablevit.cli import ParseKwargs  # noqa: F401  (main.py and predict.py take it from here)
 
 _logger = logging.getLogger(__name__)
-
-
-class UsageError(RuntimeError):
-    """A problem with the user's input (paths, data, checkpoints): reported without a traceback."""
-
-
-def error_line(error: BaseException) -> str:
-    """The one line to show for ``error``. An exception re-raised by a ``DataLoader`` worker carries the worker's
-    whole traceback in its message; the original message is its last line."""
-    text = str(error).strip()
-    if 'Original Traceback' in text:
-        last = text.splitlines()[-1]
-        text = last.split(': ', 1)[1] if ': ' in last else last
-    return text
 
 
 def seed_all(seed: int):
@@ -43,53 +25,6 @@ def seed_all(seed: int):
     torch.manual_seed(seed)
     np.random.seed(seed % 2 ** 32)
     random.seed(seed)
-
-
-class StopOnSignal:
-    """Turns SIGTERM / SIGUSR1 (what SLURM sends before preemption or the time limit, and what torchrun forwards)
-    into a stop request that the training loop polls between optimizer steps.
-
-    :meth:`requested` agrees over all processes (one all-reduce), so every rank stops after the same step. A
-    DataLoader worker that inherits the handler gets the signal's default action instead.
-    """
-
-    SIGNALS = ('SIGTERM', 'SIGUSR1')
-
-    def __init__(self):
-        self.received: Optional[str] = None
-        self.step: Optional[int] = None  # micro-batches of the stopped epoch that were done
-        self._pid = os.getpid()
-        self._previous = {}
-
-    def __enter__(self) -> 'StopOnSignal':
-        if threading.current_thread() is not threading.main_thread():
-            return self  # Python delivers signals to the main thread only; there is nothing to install
-        for name in self.SIGNALS:
-            sig = getattr(signal, name, None)
-            if sig is not None:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    def _handle(self, signum, frame):
-        if os.getpid() != self._pid:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        self.received = signal.Signals(signum).name
-
-    def requested(self, device: torch.device) -> bool:
-        if not is_dist_avail_and_initialized():
-            return self.received is not None
-        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() > 0 and self.received is None:
-            self.received = 'a signal to another process'
-        return flag.item() > 0
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -259,52 +194,16 @@ class MetricLogger:
 # ---------------------------------------------------------------------------------------------------------------------
 # Checkpoints
 
-def _tensor_bytes(value: Any) -> int:
-    """Bytes of the tensors inside ``value`` (what a checkpoint of it needs on disk, give or take a few KB)."""
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, dict):
-        return sum(_tensor_bytes(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in value)
-    return 0
+DISK_FULL_ADVICE = 'free some space (or point --output_dir elsewhere) and rerun with --resume auto'
 
 
 def save_checkpoint(state: Dict[str, Any], path: str):
-    """Write ``state`` atomically (temp file in the same folder, then rename), from the main process only.
-
-    The folder is created here, at the first write, so a run that fails earlier leaves nothing behind. A failed
-    write (disk full, quota, permissions) raises :class:`UsageError` saying where, how much was needed and that
-    the previous file at ``path``, if any, is intact (the rename never happened).
-    """
-    if not is_main_process():
-        return
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f'{path}.tmp.{os.getpid()}'
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch's writer reports ENOSPC as RuntimeError('... iostream error')
-        raise UsageError(_write_failure(path, folder, _tensor_bytes(state), e)) from e
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _write_failure(path: str, folder: str, need: int, error: Exception) -> str:
-    previous = f'the previous {os.path.basename(path)} is intact' if os.path.isfile(path) else 'nothing was written'
-    try:
-        free = shutil.disk_usage(folder).free
-    except OSError:
-        free = None
-    no_space = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
-    if no_space or (free is not None and free < need):
-        have = f', {free / 2 ** 20:.0f} MB free' if free is not None else ''
-        return (f'disk full: writing {path} needs about {need / 2 ** 20:.0f} MB{have} in {folder}; {previous}. '
-                f'Free some space (or point --output_dir elsewhere) and rerun with --resume auto')
-    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return f'cannot write {path}: {reason}; {previous}'
+    """Write ``state`` atomically from the main process (``scalablevit.checkpoint.save_checkpoint``: a temporary file
+    in the same folder, fsynced, then renamed; a failed write is a one-line :class:`UserError` saying how much room
+    it needed and that the previous file is intact). The folder is created at the first write, so a run that fails
+    earlier leaves nothing behind."""
+    if is_main_process():
+        scalablevit_checkpoint.save_checkpoint(state, path, advice=DISK_FULL_ADVICE)
 
 
 def copy_checkpoint(src: Path, dst: Path):
@@ -321,14 +220,15 @@ def copy_checkpoint(src: Path, dst: Path):
             shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
     except OSError as e:
-        raise UsageError(_write_failure(str(dst), str(dst.parent), os.path.getsize(src), e)) from e
+        raise scalablevit_checkpoint.DiskWriteError(
+            scalablevit_checkpoint.write_failure(str(dst), os.path.getsize(src), e, DISK_FULL_ADVICE)) from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
 def write_text(path: Path, line: str):
-    """Append ``line`` to ``path`` (main process), creating the folder; a full disk is a :class:`UsageError`."""
+    """Append ``line`` to ``path`` (main process), creating the folder; a full disk is a one-line error."""
     if not is_main_process():
         return
     try:
@@ -336,7 +236,8 @@ def write_text(path: Path, line: str):
         with path.open('a') as f:
             f.write(line)
     except OSError as e:
-        raise UsageError(_write_failure(str(path), str(path.parent), len(line), e)) from e
+        raise scalablevit_checkpoint.DiskWriteError(
+            scalablevit_checkpoint.write_failure(str(path), len(line), e, DISK_FULL_ADVICE)) from e
 
 
 def epoch_checkpoints(output_dir: Path) -> List[Path]:
@@ -376,20 +277,14 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
     if path.startswith(('https://', 'http://')):
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.hub.load_state_dict_from_url(path, map_location='cpu', check_hash=True, weights_only=True)
-    try:
-        return scalablevit_checkpoint.load_checkpoint(path)
-    except scalablevit_checkpoint.CheckpointError as e:
-        raise UsageError(str(e)) from e
+    return scalablevit_checkpoint.load_checkpoint(path)
 
 
 def load_model_weights(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], source: str,
                        allow_missing: Iterable[str] = ()):
     """Strict load that names what does not fit (missing, unexpected and wrongly shaped keys) in the project's one
     message (``scalablevit.checkpoint``); nothing is loaded when anything does not fit."""
-    try:
-        scalablevit_checkpoint.load_state_dict_strict(model, state_dict, source, allow_missing=allow_missing)
-    except scalablevit_checkpoint.CheckpointError as e:
-        raise UsageError(str(e)) from e
+    scalablevit_checkpoint.load_state_dict_strict(model, state_dict, source, allow_missing=allow_missing)
 
 
 def plain(value: Any) -> Any:

@@ -4,13 +4,13 @@
 
 INPUT: image files, folders (recursive) or globs. Writes ``outputs/vis/`` (boxes, masks, class names and scores
 drawn; ``--score-thr``, default 0.3) and ``outputs/preds/<image>.json`` (every detection: labels, names, scores,
-boxes, RLE masks). ``--device cpu|cuda``. See ``scalablevit/mm_predict.py``.
+boxes, RLE masks). ``--device cpu|cuda``. See ``scalablevit/mm/predict.py``.
 """
 import os.path as osp
 import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # the repository root, for `scalablevit`
-from scalablevit.mm_predict import predict_main  # noqa: E402
+from scalablevit.cli import run_mm_command  # noqa: E402
 
 if __name__ == '__main__':
-    predict_main(sys.argv[1:], 'det', 'Predict with a ScalableViT detector (mmdetection 3.x DetInferencer)')
+    sys.exit(run_mm_command('predict', 'detection', sys.argv[1:], osp.dirname(osp.abspath(__file__))))

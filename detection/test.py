@@ -8,25 +8,7 @@ import os.path as osp
 import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # the repository root, for `scalablevit`
-from scalablevit.mm_tools import SetupError, test_main  # noqa: E402
-
-
-def add_args(parser):
-    parser.add_argument('--out', help='also dump the raw predictions to this .pkl file')
-
-
-def check_args(args):
-    """Before anything is built."""
-    if args.out and not args.out.endswith(('.pkl', '.pickle')):
-        raise SetupError(f'--out {args.out}: must be a .pkl or .pickle file')
-
-
-def before_test(runner, args):
-    if args.out:
-        from mmengine.evaluator import DumpResults
-        runner.test_evaluator.metrics.append(DumpResults(out_file_path=args.out))
-
+from scalablevit.cli import run_mm_command  # noqa: E402
 
 if __name__ == '__main__':
-    test_main(sys.argv[1:], osp.dirname(osp.abspath(__file__)), 'Test a ScalableViT detector (mmdetection 3.x)',
-              add_args=add_args, before_test=before_test, check_args=check_args)
+    sys.exit(run_mm_command('test', 'detection', sys.argv[1:], osp.dirname(osp.abspath(__file__))))

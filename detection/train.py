@@ -9,7 +9,7 @@ import os.path as osp
 import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # the repository root, for `scalablevit`
-from scalablevit.mm_tools import train_main  # noqa: E402
+from scalablevit.cli import run_mm_command  # noqa: E402
 
 if __name__ == '__main__':
-    train_main(sys.argv[1:], osp.dirname(osp.abspath(__file__)), 'Train a ScalableViT detector (mmdetection 3.x)')
+    sys.exit(run_mm_command('train', 'detection', sys.argv[1:], osp.dirname(osp.abspath(__file__))))

@@ -9,22 +9,32 @@ one problem:
     1 of another shape (patch_embeds.0.proj.weight: checkpoint (96, 3, 7, 7) vs model (64, 3, 7, 7))
 
 Nothing is ever half-loaded: a mismatch raises before any tensor is copied.
+
+Writing is atomic everywhere too (:func:`atomic_write`, :func:`save_checkpoint`): a temporary file in the same folder,
+flushed and fsynced, then renamed over the final name, so a kill or a full disk never leaves a truncated file under a
+checkpoint's name, and a write that fails says how much room it needed and that the previous file is intact.
 """
 import argparse
+import errno
+import io
 import os
 import re
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+import shutil
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
-__all__ = ['CheckpointError', 'CheckpointMismatchError', 'load_checkpoint', 'describe_mismatch',
-           'check_state_dict', 'load_state_dict_strict']
+from .errors import UserError
+
+__all__ = ['CheckpointError', 'CheckpointMismatchError', 'DiskWriteError', 'atomic_write', 'check_state_dict',
+           'describe_mismatch', 'load_checkpoint', 'load_state_dict_strict', 'save_checkpoint', 'tensor_bytes',
+           'write_failure']
 
 _SHOWN = 5  # keys listed per kind before "... (N in all)"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint file that is missing, unreadable or not a dict of weights."""
 
 
@@ -135,3 +145,98 @@ def load_state_dict_strict(
     allow_missing = tuple(allow_missing)
     check_state_dict(model, state_dict, source, allow_missing=allow_missing, hint=hint)
     return model.load_state_dict(state_dict, strict=not allow_missing)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+class DiskWriteError(UserError, OSError):
+    """A file that could not be written (disk full, quota, permissions); whatever stood under its name is intact."""
+
+
+def tensor_bytes(value: Any) -> int:
+    """Bytes of the tensors inside ``value`` (what a checkpoint of it needs on disk, give or take a few KB)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(v) for v in value)
+    return 0
+
+
+def _newest_checkpoint(folder: str, besides: str) -> Optional[str]:
+    try:
+        names = [n for n in os.listdir(folder) if n.endswith('.pth') and n != os.path.basename(besides)]
+    except OSError:
+        return None
+    paths = [os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))]
+    return max(paths, key=os.path.getmtime) if paths else None
+
+
+def write_failure(path: str, need: int, error: BaseException, advice: str = 'free some space and resume') -> str:
+    """The one line for a write of ``need`` bytes to ``path`` that failed with ``error``: the folder, the bytes
+    needed and free when the disk is full, which earlier file is intact, and (disk full) ``advice``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isfile(path):
+        previous = f'the previous {os.path.basename(path)} is intact'
+    else:
+        newest = _newest_checkpoint(folder, path) if path.endswith('.pth') else None
+        previous = (f'nothing was written under {os.path.basename(path)}; the newest checkpoint, '
+                    f'{os.path.basename(newest)}, is intact' if newest else 'nothing was written')
+    try:
+        free: Optional[int] = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    no_space = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+    if no_space or (free is not None and free < need):
+        have = f', {free / 2 ** 20:.1f} MB free' if free is not None else ''
+        return f'disk full: writing {path} needs about {need / 2 ** 20:.1f} MB{have} in {folder}; {previous}; {advice}'
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return f'cannot write {path}: {reason}; {previous}'
+
+
+def atomic_write(path: Union[str, os.PathLike], data: Union[bytes, str, Callable[[io.BufferedWriter], None]],
+                 need: Optional[int] = None, advice: str = 'free some space and resume') -> None:
+    """Write ``data`` (bytes, text, or a function that writes into a binary file) to ``path`` atomically.
+
+    The data goes to ``<path>.tmp.<pid>`` in the same folder, is flushed and fsynced, then renamed over ``path``:
+    a reader sees the old file or the whole new one, never a part. The folder is created if needed. A failure
+    removes the temporary file and raises :class:`DiskWriteError` with :func:`write_failure`'s line (``advice``:
+    what to do when the disk is full).
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = f'{path}.tmp.{os.getpid()}'
+    if need is None:
+        need = len(data) if isinstance(data, (bytes, str)) else 0
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(tmp, 'wb') as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch's writer reports ENOSPC as RuntimeError('... iostream error')
+        raise DiskWriteError(write_failure(path, need, e, advice)) from e
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    try:  # the rename itself is durable once the folder is synced
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def save_checkpoint(state: Dict[str, Any], path: Union[str, os.PathLike],
+                    advice: str = 'free some space and resume') -> None:
+    """``torch.save(state, path)`` through :func:`atomic_write`."""
+    atomic_write(path, lambda f: torch.save(state, f), need=tensor_bytes(state), advice=advice)

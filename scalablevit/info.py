@@ -16,7 +16,6 @@ the attention products. Norms, activations and softmax are not counted (as in fv
     macs.total, macs.without_attention, macs.attention               # multiply-adds
 """
 import argparse
-import logging
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -26,8 +25,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = ['MacCount', 'PUBLISHED', 'count_macs', 'count_macs_by_op', 'count_params', 'describe', 'plain_attention',
            'table']
-
-_logger = logging.getLogger(__name__)
 
 # Published numbers (paper / released README) and the released code's parameter counts, for the table.
 PUBLISHED = {
@@ -139,9 +136,7 @@ def describe(model: nn.Module, input_size: Union[int, Tuple[int, int]] = 224, in
 
 def table(models: Sequence[str], img_size: int = 224) -> str:
     """The README's table for ``models`` (any timm names); '-' where no published or released figure exists."""
-    import timm
-
-    import scalablevit  # noqa: F401  (registers the entry points)
+    import timm  # the entry points are registered: this module is part of the package
 
     rows = ['| model | params, ours (M) | params, released code (M) | params, published (M) | GFLOPs, ours '
             '| GFLOPs, ours without attention products | GFLOPs, published | top-1, published |',
@@ -165,8 +160,6 @@ def main(argv: Optional[Sequence[str]] = None):
     parser.add_argument('--img-size', type=int, default=224)
     args = parser.parse_args(argv)
     import timm
-
-    import scalablevit  # noqa: F401
 
     unknown = [m for m in args.models if not timm.is_model(m)]
     if unknown:

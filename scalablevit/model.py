@@ -562,32 +562,13 @@ class ScalableViT(nn.Module):
             before the last stage, the first item is that stage's map, without the final norm.
         """
         assert output_fmt in ('NCHW', 'NLC'), 'output_fmt must be NCHW or NLC.'
-        intermediates = []
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         last_idx = len(self.stages) - 1
-        if torch.jit.is_scripting() or not (stop_early or intermediates_only):  # TorchScript cannot slice them
-            patch_embeds, pos_drops, stages = self.patch_embeds, self.pos_drops, self.stages
-            pos_blocks, stage_ends = self.pos_block, self.stage_ends
-        else:
-            patch_embeds, pos_drops, stages = (
-                self.patch_embeds[:max_index + 1], self.pos_drops[:max_index + 1], self.stages[:max_index + 1])
-            pos_blocks, stage_ends = self.pos_block[:max_index + 1], self.stage_ends[:max_index + 1]
-        i = 0
-        for i, (embed, drop, blocks, pos_blk, to_map) in enumerate(
-                zip(patch_embeds, pos_drops, stages, pos_blocks, stage_ends)):
-            x, size = embed(x)
-            x = drop(x)
-            for j, blk in enumerate(blocks):
-                if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
-                    x = checkpoint(blk, x, size, use_reentrant=False)
-                else:
-                    x = blk(x, size)
-                if j == 0:
-                    x = pos_blk(x, size)
-            x = to_map(x, size)  # (B, C, H, W)
-            if i in take_indices:
-                y = self._final_norm(x) if (norm and i == last_idx) else x
-                intermediates.append(y if output_fmt == 'NCHW' else y.flatten(2).transpose(1, 2))  # (B, N, C)
+        x, maps, i = self._forward_stages(x, take_indices, max_index if stop_early or intermediates_only else last_idx)
+        intermediates = []
+        for j, y in zip(take_indices, maps):
+            y = self._final_norm(y) if (norm and j == last_idx) else y
+            intermediates.append(y if output_fmt == 'NCHW' else y.flatten(2).transpose(1, 2))  # (B, N, C)
         if intermediates_only:
             return intermediates
         if i == last_idx:
@@ -614,20 +595,36 @@ class ScalableViT(nn.Module):
         """The final norm on a map (B, C, H, W), channels-last inside: the map is a view of tokens, so no copies."""
         return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, C, H, W)
 
+    def _forward_stages(
+            self,
+            x: torch.Tensor,
+            take_indices: List[int],
+            last: int,
+    ) -> Tuple[torch.Tensor, List[torch.Tensor], int]:
+        """The stage loop: images through the stages ``0..last``. Returns the last stage's map (B, C, H, W), the maps
+        of the stages in ``take_indices``, and ``last``. (A guard rather than a slice of the module lists keeps the
+        loop scriptable: TorchScript iterates module lists only as attributes.)"""
+        maps: List[torch.Tensor] = []
+        for i, (embed, drop, blocks, pos_blk, to_map) in enumerate(
+                zip(self.patch_embeds, self.pos_drops, self.stages, self.pos_block, self.stage_ends)):
+            if i <= last:
+                x, size = embed(x)
+                x = drop(x)
+                for j, blk in enumerate(blocks):
+                    if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
+                        x = checkpoint(blk, x, size, use_reentrant=False)
+                    else:
+                        x = blk(x, size)
+                    if j == 0:
+                        x = pos_blk(x, size)
+                x = to_map(x, size)  # (B, C, H, W)
+                if i in take_indices:
+                    maps.append(x)
+        return x, maps, min(last, len(self.stages) - 1)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C_in, H, W) -> the normed last map (B, C, H / 32, W / 32)."""
-        for embed, drop, blocks, pos_blk, to_map in zip(
-                self.patch_embeds, self.pos_drops, self.stages, self.pos_block, self.stage_ends):
-            x, size = embed(x)
-            x = drop(x)
-            for j, blk in enumerate(blocks):
-                if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
-                    x = checkpoint(blk, x, size, use_reentrant=False)
-                else:
-                    x = blk(x, size)
-                if j == 0:
-                    x = pos_blk(x, size)
-            x = to_map(x, size)  # (B, C, H, W)
+        x, _, _ = self._forward_stages(x, torch.jit.annotate(List[int], []), len(self.stages) - 1)
         return self._final_norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -719,6 +716,21 @@ MODEL_ARGS = {
         embed_dims=(128, 256, 512, 1024), num_heads=(4, 8, 16, 32), depths=(2, 6, 12, 4),
         sr_ratios=(8, 4, 2, 1), c_ratios=(0.25, 0.5, 1, 1)),
 }
+
+#: Short names of the sizes, as the detection and segmentation configs write ``arch``.
+ARCH_ALIASES = {'s': 'scalable_vit_small', 'b': 'scalable_vit_base', 'l': 'scalable_vit_large'}
+
+
+def resolve_arch(arch: Union[str, Dict]) -> Tuple[str, Dict]:
+    """``(timm name, size arguments)`` of an ``arch``: ``'s'`` / ``'b'`` / ``'l'``, a timm name, or a dict of
+    :class:`ScalableViT` size arguments (``embed_dims``, ``depths``, ...) over the small model's."""
+    if isinstance(arch, dict):
+        return 'scalable_vit_small', dict(arch)
+    name = ARCH_ALIASES.get(str(arch).lower(), arch)
+    if name not in MODEL_ARGS:
+        raise ValueError(f'unknown ScalableViT arch {arch!r}; use one of {sorted(ARCH_ALIASES)}, '
+                         f'{sorted(MODEL_ARGS)} or a dict of sizes')
+    return name, dict(MODEL_ARGS[name])
 
 
 @register_model

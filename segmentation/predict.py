@@ -5,13 +5,13 @@
 INPUT: image files, folders (recursive) or globs. Writes ``outputs/vis/`` (the class colour overlay with class
 names; ``--opacity``) and ``outputs/preds/<image>.png`` (label map: pixel value = class index) with
 ``<image>.json`` (per class present: name, area, COCO RLE mask). ``--device cpu|cuda``. See
-``scalablevit/mm_predict.py``.
+``scalablevit/mm/predict.py``.
 """
 import os.path as osp
 import sys
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # the repository, if not pip-installed
-from scalablevit.mm_predict import predict_main  # noqa: E402
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # the repository root, for `scalablevit`
+from scalablevit.cli import run_mm_command  # noqa: E402
 
 if __name__ == '__main__':
-    predict_main(sys.argv[1:], 'seg', 'Predict with a ScalableViT segmenter (mmsegmentation 1.x MMSegInferencer)')
+    sys.exit(run_mm_command('predict', 'segmentation', sys.argv[1:], osp.dirname(osp.abspath(__file__))))

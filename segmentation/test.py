@@ -7,9 +7,8 @@ Multi-GPU: ``bash tools/dist_test.sh configs/X.py CHECKPOINT GPUS [--aug-test] -
 import os.path as osp
 import sys
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # the repository, if not pip-installed
-
-from scalablevit.mm_tools import test_main  # noqa: E402
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # the repository root, for `scalablevit`
+from scalablevit.cli import run_mm_command  # noqa: E402
 
 if __name__ == '__main__':
-    test_main(sys.argv[1:], osp.dirname(osp.abspath(__file__)), 'Test a ScalableViT segmenter (mmseg 1.x)')
+    sys.exit(run_mm_command('test', 'segmentation', sys.argv[1:], osp.dirname(osp.abspath(__file__))))

@@ -7,9 +7,8 @@ gloo). Your own data: ``--data-root DIR --classes a,b,c`` (README, "Your own dat
 import os.path as osp
 import sys
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # the repository, if not pip-installed
-
-from scalablevit.mm_tools import train_main  # noqa: E402
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # the repository root, for `scalablevit`
+from scalablevit.cli import run_mm_command  # noqa: E402
 
 if __name__ == '__main__':
-    train_main(sys.argv[1:], osp.dirname(osp.abspath(__file__)), 'Train a ScalableViT segmenter (mmseg 1.x)')
+    sys.exit(run_mm_command('train', 'segmentation', sys.argv[1:], osp.dirname(osp.abspath(__file__))))

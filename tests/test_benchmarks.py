@@ -215,4 +215,4 @@ def test_device_check_dry_run(tmp_path):
         assert steps['det_train']['last_train_iter'] == '8/8' and steps['seg_train']['last_train_iter'] == '4/4'
         assert 'coco/bbox_mAP' in steps['det_train']['metric'] and 'mIoU' in steps['seg_train']['metric']
     md = (tmp_path / 'out' / 'device_check.md').read_text()
-    assert '## Targets (issue 14)' in md and 'S fp32 inference vs reference' in md
+    assert '## Targets' in md and 'S fp32 inference vs reference' in md

@@ -96,7 +96,7 @@ def test_load_checkpoint_reads_deit_style_namespace_args(tmp_path):
 
 
 def test_load_checkpoint_keeps_a_process_wide_allow_list(tmp_path):
-    """A class allowed for the whole process (mmengine's, in mm_compat) is still allowed after our load."""
+    """A class allowed for the whole process (mmengine's, in scalablevit.mm.compat) is still allowed after our load."""
     import argparse
     import collections
     torch.save({'args': argparse.Namespace(a=1), 'd': collections.Counter(a=1)}, tmp_path / 'c.pth')

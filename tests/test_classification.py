@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 import torch
 
+from scalablevit.errors import UserError
+
 REPO = Path(__file__).resolve().parents[1]
 CLS_DIR = REPO / 'classification'
 
@@ -216,11 +218,11 @@ def test_bad_data_path_is_a_clear_error(cls, tmp_path):
     assert 'Traceback' not in r.stderr
 
     (tmp_path / 'train' / 'a').mkdir(parents=True)
-    with pytest.raises(cls.utils.UsageError, match=r'train.*one sub-folder per class'):  # class folder, no images
+    with pytest.raises(UserError, match=r'train.*one sub-folder per class'):  # class folder, no images
         cls.main(parse(cls, ['--data-path', tmp_path, '--num_workers', '0']))
     shutil.rmtree(tmp_path / 'train')
     make_image_folder(tmp_path, splits=('train',))
-    with pytest.raises(cls.utils.UsageError, match=f'{tmp_path / "val"} not found'):
+    with pytest.raises(UserError, match=f'{tmp_path / "val"} not found'):
         cls.main(parse(cls, ['--data-path', tmp_path, '--num_workers', '0']))
 
 
@@ -231,10 +233,10 @@ def test_bad_checkpoint_names_the_keys(cls, tmp_path):
     state['bogus.weight'] = torch.zeros(1)
     del state['norm.bias']
     torch.save({'model': state}, tmp_path / 'bad.pth')
-    with pytest.raises(cls.utils.UsageError, match=r'1 missing \(norm\.bias\); 1 unexpected \(bogus\.weight\)'):
+    with pytest.raises(UserError, match=r'1 missing \(norm\.bias\); 1 unexpected \(bogus\.weight\)'):
         cls.main(parse(cls, [*TINY, *DIGITS, '--eval', '--resume', tmp_path / 'bad.pth']))
     (tmp_path / 'junk.pth').write_bytes(b'not a checkpoint')
-    with pytest.raises(cls.utils.UsageError, match='cannot read checkpoint .*junk.pth: not a PyTorch checkpoint'):
+    with pytest.raises(UserError, match='cannot read checkpoint .*junk.pth: not a PyTorch checkpoint'):
         cls.main(parse(cls, [*TINY, *DIGITS, '--eval', '--resume', tmp_path / 'junk.pth']))
 
 

@@ -130,8 +130,9 @@ def test_disk_full_while_saving(cls, run_cli, tmp_path, monkeypatch):
     status, line = run_cli([*TINY, '--data-path', tmp_path / 'data', '--input-size', '32', '--batch-size', '4',
                             '--num_workers', '0', '--epochs', '2', '--output_dir', out], allow_work=True)
     assert status == 1
-    assert line.startswith(f'error: disk full: writing {out}/checkpoint.pth needs about 0 MB, 0 MB free in {out}; '
-                           f'the previous checkpoint.pth is intact.'), line
+    assert line == (f'error: disk full: writing {out}/checkpoint.pth needs about 0.3 MB, 0.2 MB free in {out}; '
+                    f'the previous checkpoint.pth is intact; free some space (or point --output_dir elsewhere) and '
+                    f'rerun with --resume auto'), line
     assert torch.load(out / 'checkpoint.pth', weights_only=True)['epoch'] == 0
     assert sorted(p.name for p in out.iterdir()) == ['checkpoint.pth', 'checkpoint_best.pth', 'log.txt']
 

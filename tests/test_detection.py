@@ -22,7 +22,7 @@ TINY_RETINA = osp.join(CONFIGS, 'tiny', 'retinanet_scalablevit-tiny_fpn_tiny-coc
 TINY_MASK = osp.join(CONFIGS, 'tiny', 'mask-rcnn_scalablevit-tiny_fpn_tiny-coco.py')
 
 # The published table: parameters (M) and FLOPs (G, 1280x800).
-SEED = {
+PUBLISHED = {
     'retinanet_scalablevit-s_fpn_1x_coco': 36.4, 'retinanet_scalablevit-s_fpn_ms-3x_coco': 36.4,
     'retinanet_scalablevit-b_fpn_1x_coco': 85.6, 'retinanet_scalablevit-b_fpn_ms-3x_coco': 85.6,
     'retinanet_scalablevit-l_fpn_1x_coco': 112.6,
@@ -37,18 +37,20 @@ def _cfg(name):
     return Config.fromfile(osp.join(CONFIGS, name + '.py'))
 
 
-def test_config_folder_has_exactly_the_ten_seed_configs():
+def test_config_folder_has_exactly_the_ten_published_configs():
     names = sorted(osp.splitext(osp.basename(p))[0] for p in glob.glob(osp.join(CONFIGS, '*.py')))
-    assert names == sorted(SEED)
+    assert names == sorted(PUBLISHED)
 
 
-@pytest.mark.parametrize('name', sorted(SEED))
+@pytest.mark.parametrize('name', sorted(PUBLISHED))
 def test_config_settings(name):
     cfg = _cfg(name)
     retina = name.startswith('retinanet')
     size = name.split('scalablevit-')[1][0]
     three_x = 'ms-3x' in name
-    assert cfg.custom_imports.imports == ['scalablevit.mm', 'scalablevit.mm_compat']
+    assert cfg.custom_imports.imports == ['scalablevit.mm']
+    assert cfg.custom_hooks == [dict(type='PreemptionHook')]
+    assert cfg.train_cfg.type == 'ResumableEpochBasedTrainLoop'
     bb = cfg.model.backbone
     assert bb.type == 'ScalableViTBackbone' and bb.arch == size
     assert bb.drop_path_rate == (0.2 if size == 's' else 0.3)
@@ -96,18 +98,18 @@ def _build(cfg):
 
 
 # The 3x configs share the 1x model (checked above); building the five 1x models covers all ten.
-@pytest.mark.parametrize('name', sorted(n for n in SEED if '_1x_' in n))
-def test_param_counts_match_seed_table(name):
+@pytest.mark.parametrize('name', sorted(n for n in PUBLISHED if '_1x_' in n))
+def test_param_counts_match_the_published_table(name):
     model = _build(_cfg(name))
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    seed = SEED[name]
+    published = PUBLISHED[name]
     if '-s_' in name:
-        # S: the released backbone (32.00M with its head) is 0.4M under the paper's 32.4M (ARCHITECTURE.md).
-        assert 0.3 <= seed - params <= 0.5, params
+        # S: the released backbone (32.00M with its head) is 0.4M under the paper's 32.4M (README, architecture).
+        assert 0.3 <= published - params <= 0.5, params
     else:
-        assert abs(params - seed) <= 0.1, params
+        assert abs(params - published) <= 0.1, params
     three_x = name.replace('_1x_', '_ms-3x_')
-    if three_x in SEED:
+    if three_x in PUBLISHED:
         assert _cfg(three_x).model == _cfg(name).model
 
 
@@ -115,7 +117,7 @@ def test_get_flops_prints_params_and_flops():
     out = _ok([sys.executable, osp.join(DET, 'get_flops.py'), TINY_MASK, '--shape', '128', '128'], ROOT)
     m = re.search(r'FLOPs at 128x128 \(W x H\): ([\d.]+) G \(([\d.]+) G without the attention products\)', out)
     assert m and float(m.group(1)) >= float(m.group(2)) > 0, out[-2000:]
-    assert re.search(r'params: [\d.]+ M \(backbone [\d.]+ M\)', out), out[-2000:]
+    assert re.search(r'params: [\d.]+ M \(backbone [\d.]+ M, neck [\d.]+ M', out), out[-2000:]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -243,29 +245,31 @@ def test_overfit_tiny_train_set(run_dir):
     ([TINY_RETINA, '--resume', 'none.pth'], 'checkpoint not found'),
 ])
 def test_train_errors_are_one_line(run_dir, args, message):
-    from scalablevit.mm_tools import train_main
+    from scalablevit.errors import UserError
+    from scalablevit.mm.runner import train_main
     cwd = os.getcwd()
     os.chdir(run_dir)
     try:
-        with pytest.raises(SystemExit) as err:
-            train_main(args, DET, 'test')
+        with pytest.raises(UserError) as err:  # an exception, not an exit: callable from a notebook
+            train_main(args, 'detection', DET)
     finally:
         os.chdir(cwd)
     assert message in str(err.value)
 
 
 def test_test_errors_are_one_line(run_dir):
-    from scalablevit.mm_tools import test_main
-    with pytest.raises(SystemExit, match='checkpoint not found'):
-        test_main([TINY_RETINA, str(run_dir / 'none.pth')], DET, 'test')
-    with pytest.raises(SystemExit, match='tta_model'):
-        test_main([TINY_RETINA, __file__, '--tta'], DET, 'test')
+    from scalablevit.errors import UserError
+    from scalablevit.mm.runner import test_main
+    with pytest.raises(UserError, match='checkpoint not found'):
+        test_main([TINY_RETINA, str(run_dir / 'none.pth')], 'detection', DET)
+    with pytest.raises(UserError, match='tta_model'):
+        test_main([TINY_RETINA, __file__, '--tta'], 'detection', DET)
+    seg_config = osp.join(ROOT, 'segmentation', 'configs', 'tiny', 'scalablevit-tiny_fpn_1xb2-40_tiny-ade-64x64.py')
+    with pytest.raises(UserError, match="default_scope is 'mmseg', a segmentation config"):
+        test_main([seg_config, __file__], 'detection', DET)
 
 
 def test_default_work_dir_is_under_detection(run_dir):
-    import argparse
-
-    from scalablevit.mm_tools import load_config
-    args = argparse.Namespace(launcher='none', cfg_options=None, work_dir=None, local_rank=0)
-    cfg = load_config(osp.join(CONFIGS, 'retinanet_scalablevit-s_fpn_1x_coco.py'), args, DET)
+    from scalablevit.mm.config import load_config
+    cfg = load_config(osp.join(CONFIGS, 'retinanet_scalablevit-s_fpn_1x_coco.py'), DET)
     assert cfg.work_dir == osp.join(DET, 'work_dirs', 'retinanet_scalablevit-s_fpn_1x_coco')

@@ -59,9 +59,9 @@ def test_out_norm_is_a_layernorm_on_channels():
 
 
 def test_arch_names():
-    from scalablevit.model import MODEL_ARGS
+    from scalablevit.model import MODEL_ARGS, resolve_arch
     for alias, name in (('s', 'scalable_vit_small'), ('B', 'scalable_vit_base'), ('l', 'scalable_vit_large')):
-        assert mm._arch_args(alias) == mm._arch_args(name) == MODEL_ARGS[name]
+        assert resolve_arch(alias) == resolve_arch(name) == (name, MODEL_ARGS[name])
     # Backbone = classification model without its 4096-wide head and final norm, plus four output norms.
     model = ScalableViTBackbone(arch='s')
     full = ScalableViT(**MODEL_ARGS['scalable_vit_small'])
@@ -175,7 +175,6 @@ def test_pretrained_wrong_checkpoint_names_the_keys(tmp_path):
     assert '1 missing (pos_block.1.proj.0.weight)' in str(err.value)
     assert '1 unexpected (extra.weight)' in str(err.value)
     assert '\n' not in str(err.value)  # one line, the project's one format (scalablevit.checkpoint)
-    assert mm.CheckpointMismatchError is CheckpointMismatchError
 
     with pytest.raises(CheckpointError, match='checkpoint not found: .*nowhere.pth'):
         _backbone(pretrained=str(tmp_path / 'nowhere.pth')).init_weights()
@@ -190,7 +189,7 @@ def test_found_by_mmdet_registry():
 def test_adapt_cfg_to_device_on_cpu():
     from mmengine.config import Config
 
-    from scalablevit.mm_tools import adapt_cfg_to_device
+    from scalablevit.mm.config import adapt_cfg_to_device
     cfg = Config(dict(model=dict(backbone=dict(norm_cfg=dict(type='SyncBN')),
                                  heads=[dict(norm_cfg=dict(type='SyncBN', requires_grad=True))]),
                       env_cfg=dict(dist_cfg=dict(backend='nccl'))))
@@ -204,15 +203,17 @@ def test_adapt_cfg_to_device_on_cpu():
 
 
 @pytest.mark.slow
-def test_importing_the_backbone_patches_nothing():
-    """scalablevit.mm only registers; the patches live in scalablevit.mm_compat (issue 11)."""
+def test_importing_scalablevit_mm_applies_the_patches_and_scalablevit_does_not():
+    """The configs' one entry point brings the compatibility patches; the model package brings nothing of
+    OpenMMLab."""
     import subprocess
     import sys
-    code = ('import torch, mmengine.dist.utils as u; before = u._init_dist_pytorch; import scalablevit.mm; '
-            'from torch.serialization import get_safe_globals; '
-            'assert u._init_dist_pytorch is before, "launcher patched"; '
+    code = ('import torch, mmengine.dist.utils as u; from torch.serialization import get_safe_globals; '
+            'from mmengine.fileio.backends.local_backend import LocalBackend; before = u._init_dist_pytorch; '
+            'put = LocalBackend.put; import scalablevit, timm; timm.create_model("scalable_vit_small"); '
+            'assert u._init_dist_pytorch is before and LocalBackend.put is put, "patched by import scalablevit"; '
             'assert not any("HistoryBuffer" in str(g) for g in get_safe_globals()), "safe globals added"; '
-            'import scalablevit.mm_compat; assert u._init_dist_pytorch is not before; '
+            'import scalablevit.mm; assert u._init_dist_pytorch is not before and LocalBackend.put is not put; '
             'assert any("HistoryBuffer" in str(g) for g in get_safe_globals()); print("ok")')
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == 'ok', out.stderr[-2000:]
@@ -221,7 +222,7 @@ def test_importing_the_backbone_patches_nothing():
 def _sync_bn_worker(rank, world, port, x, queue):
     import torch.distributed as dist
 
-    from scalablevit.mm_compat import SyncBatchNormCPU
+    from scalablevit.mm.compat import SyncBatchNormCPU
     dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=world)
     torch.manual_seed(0)
     bn = SyncBatchNormCPU(3, momentum=0.5)

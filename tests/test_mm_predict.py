@@ -162,7 +162,8 @@ def test_det_predict_matches_test_output_and_draws(det):
 
 
 def test_det_predict_bad_input_is_one_line(det, tmp_path):
-    from scalablevit.mm_predict import predict_main
+    from scalablevit.errors import UserError
+    from scalablevit.mm.predict import predict_main
     img = str(det['root'] / 'extra' / 'gray.png')
     if not osp.exists(img):
         img = sorted(str(p) for p in det['val'].iterdir())[0]
@@ -181,8 +182,8 @@ def test_det_predict_bad_input_is_one_line(det, tmp_path):
     bad_ckpt.write_bytes(b'garbage')
     cases.append(([img, TINY_MASK, '--weights', str(bad_ckpt)], 'cannot read checkpoint'))
     for argv, message in cases:
-        with pytest.raises(SystemExit) as err:
-            predict_main(argv + ['--out-dir', str(tmp_path / 'out')], 'det', 'test')
+        with pytest.raises(UserError) as err:
+            predict_main(argv + ['--out-dir', str(tmp_path / 'out')], 'detection')
         text = str(err.value)
         assert message in text and '\n' not in text, (argv, text)
 
@@ -222,8 +223,7 @@ def test_seg_test_show_dir_draws_prediction_beside_ground_truth(seg):
 def test_seg_predict_matches_inference_model_and_draws(seg):
     from mmseg.apis import inference_model, init_model
 
-    import scalablevit.mm  # noqa: F401  (the backbone)
-    import scalablevit.mm_compat  # noqa: F401  (mmengine checkpoints under weights_only=True)
+    import scalablevit.mm  # noqa: F401  (the backbone; mmengine checkpoints under weights_only=True)
 
     root, out = seg['root'], seg['root'] / 'pred_out'
     val = osp.join(seg['data'], 'images', 'validation')

@@ -14,7 +14,8 @@ import mmseg  # noqa: F401
 import pytest
 import torch
 
-import scalablevit.mm_compat  # noqa: F401  (allow-lists mmengine's checkpoint classes for the weights_only loads below)
+import scalablevit.mm  # noqa: F401
+from scalablevit.errors import UserError  # noqa: E402  (allow-lists mmengine's checkpoint classes for the weights_only loads below)
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 DET = osp.join(ROOT, 'detection')
@@ -53,67 +54,67 @@ def _config(path=UPERNET_S):
 # The flags -> the config (fast, in-process).
 
 def test_grad_accum_and_amp_dtype_map_to_the_optim_wrapper(monkeypatch):
-    from scalablevit import mm_tools
+    from scalablevit.mm import runner as mm_runner
     cfg = _config()
-    mm_tools._apply_scale_args(cfg, _train_args(grad_accum_steps=4))
+    mm_runner._apply_scale_args(cfg, _train_args(grad_accum_steps=4))
     assert cfg.optim_wrapper.accumulative_counts == 4
     assert cfg.optim_wrapper.get('type', 'OptimWrapper') == 'OptimWrapper'
 
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     cfg = _config()
-    mm_tools._apply_scale_args(cfg, _train_args(amp=True))
+    mm_runner._apply_scale_args(cfg, _train_args(amp=True))
     assert cfg.optim_wrapper.type == 'AmpOptimWrapper' and 'dtype' not in cfg.optim_wrapper  # float16, the default
     assert cfg.optim_wrapper.optimizer.type == 'AdamW'  # the rest of the wrapper is kept
     cfg = _config()
-    mm_tools._apply_scale_args(cfg, _train_args(amp_dtype='bfloat16'))  # implies --amp
+    mm_runner._apply_scale_args(cfg, _train_args(amp_dtype='bfloat16'))  # implies --amp
     assert cfg.optim_wrapper.type == 'AmpOptimWrapper' and cfg.optim_wrapper.dtype == 'bfloat16'
 
 
 def test_grad_accum_counts_iteration_schedules_in_optimizer_steps():
     """UperNet 8x2 on 1 GPU x 2 images x 8 steps: 160k optimizer steps = 1.28M iterations, warm-up and poly decay
     over the same optimizer steps; RetinaNet 1x: epochs and epoch milestones unchanged, the 500-step warm-up x N."""
-    from scalablevit import mm_tools
+    from scalablevit.mm import runner as mm_runner
     cfg = _config()
-    mm_tools._apply_scale_args(cfg, _train_args(grad_accum_steps=8))
+    mm_runner._apply_scale_args(cfg, _train_args(grad_accum_steps=8))
     assert cfg.train_cfg.max_iters == 160000 * 8 and cfg.train_cfg.val_interval == 16000 * 8
     assert cfg.default_hooks.checkpoint.interval == 16000 * 8
     assert [(s.type, s.begin, s.end) for s in cfg.param_scheduler] == [('LinearLR', 0, 1500 * 8),
                                                                         ('PolyLR', 1500 * 8, 160000 * 8)]
     det = _config(osp.join(DET, 'configs', 'retinanet_scalablevit-s_fpn_1x_coco.py'))
-    mm_tools._apply_scale_args(det, _train_args(grad_accum_steps=8))
+    mm_runner._apply_scale_args(det, _train_args(grad_accum_steps=8))
     assert det.train_cfg.max_epochs == 12 and 'max_iters' not in det.train_cfg
     warmup, steps = det.param_scheduler
     assert (warmup.begin, warmup.end) == (0, 500 * 8) and steps.milestones == [8, 11] and steps.by_epoch
     plain = _config()
-    mm_tools._apply_scale_args(plain, _train_args(grad_accum_steps=1))
+    mm_runner._apply_scale_args(plain, _train_args(grad_accum_steps=1))
     assert plain.train_cfg.max_iters == 160000 and 'accumulative_counts' not in plain.optim_wrapper
 
 
 def test_amp_without_gpu_and_bad_counts_are_one_line(monkeypatch):
-    from scalablevit import mm_tools
+    from scalablevit.mm import runner as mm_runner
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     for args, message in [(_train_args(amp=True), 'needs a GPU'), (_train_args(amp_dtype='bfloat16'), 'needs a GPU'),
                           (_train_args(grad_accum_steps=0), 'at least 1')]:
-        with pytest.raises(SystemExit, match=message) as err:
-            mm_tools._apply_scale_args(_config(), args)
+        with pytest.raises(UserError, match=message) as err:
+            mm_runner._apply_scale_args(_config(), args)
         assert '\n' not in str(err.value)
 
 
 def test_auto_scale_lr_counts_the_accumulated_batch():
     """mmengine scales the lr by processes x batch / base; with N accumulation steps the effective batch is N times
     that, so the base is divided by N (8 GPUs x 2 = 1 GPU x 2 x 8 steps: lr unchanged)."""
-    from scalablevit import mm_tools
+    from scalablevit.mm import runner as mm_runner
     parser = argparse.ArgumentParser()
     parser.add_argument('--auto-scale-lr', action='store_true')
     parser.add_argument('--amp', action='store_true')
-    mm_tools._scale_args(parser)
+    mm_runner._scale_args(parser)
     cfg = _config(osp.join(DET, 'configs', 'retinanet_scalablevit-s_fpn_1x_coco.py'))
     assert cfg.auto_scale_lr.base_batch_size == 16 and cfg.train_dataloader.batch_size == 2
-    mm_tools._apply_scale_args(cfg, parser.parse_args(['--grad-accum-steps', '8', '--auto-scale-lr']))
+    mm_runner._apply_scale_args(cfg, parser.parse_args(['--grad-accum-steps', '8', '--auto-scale-lr']))
     # mmengine's rule (Runner.scale_lr): lr x (processes x batch) / base_batch_size
     assert 1 * cfg.train_dataloader.batch_size / cfg.auto_scale_lr.base_batch_size == 1.0
     cfg = _config(osp.join(DET, 'configs', 'retinanet_scalablevit-s_fpn_1x_coco.py'))
-    mm_tools._apply_scale_args(cfg, parser.parse_args(['--grad-accum-steps', '8']))  # no --auto-scale-lr: untouched
+    mm_runner._apply_scale_args(cfg, parser.parse_args(['--grad-accum-steps', '8']))  # no --auto-scale-lr: untouched
     assert cfg.auto_scale_lr.base_batch_size == 16
 
 

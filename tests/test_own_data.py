@@ -1,4 +1,4 @@
-"""Detection and segmentation on a data set of the user's own (issue 15), as the READMEs' "Your own data set" say.
+"""Detection and segmentation on a data set of the user's own, as the READMEs' "Your own data set" say.
 
 The test makes the data: three classes (triangle, square, hexagon) that neither COCO nor ADE20K has, category ids
 that are not 1..3, and image sizes that are not the tiny configs' 128 / 64. It runs the README's commands
@@ -220,12 +220,13 @@ def test_segmentation_upernet_and_aug_test_scales(seg_root, tmp_path):
 def test_s_configs_follow_data_root_and_classes(task, config, tmp_path):
     import argparse
 
-    from scalablevit.mm_data import LOADERS, apply_data_args, dataset_of
-    from scalablevit.mm_tools import load_config
+    from scalablevit.mm.config import load_config
+    from scalablevit.mm.data import LOADERS, apply_data_args, dataset_of
     folder = DET if task == 'det' else SEG
-    args = argparse.Namespace(launcher='none', cfg_options=None, work_dir=None, local_rank=0, no_pretrained=True,
-                              data_root=str(tmp_path / 'mine'), classes='triangle,square,hexagon')
-    cfg = apply_data_args(load_config(osp.join(folder, 'configs', config), args, folder), args)
+    args = argparse.Namespace(no_pretrained=True, data_root=str(tmp_path / 'mine'), classes='triangle,square,hexagon')
+    from scalablevit.mm.tasks import DETECTION, SEGMENTATION
+    cfg = apply_data_args(load_config(osp.join(folder, 'configs', config), folder), args,
+                          DETECTION if task == 'det' else SEGMENTATION)
     assert cfg.model.backbone.init_cfg is None
     for key in LOADERS:
         ds = dataset_of(cfg[key])
@@ -310,14 +311,14 @@ def retina_ckpt(coco_root, tmp_path_factory):
     """An untrained tiny RetinaNet checkpoint for the three classes (as mmengine saves it)."""
     import argparse
 
-    from scalablevit.mm_data import apply_data_args, build_model
-    from scalablevit.mm_tools import load_config
-    args = argparse.Namespace(launcher='none', cfg_options=None, work_dir=None, local_rank=0, data_root=coco_root,
-                              classes=','.join(CLASSES))
-    cfg = apply_data_args(load_config(osp.join(DET, RETINA), args, DET), args)
+    from scalablevit.mm.config import build_model, load_config
+    from scalablevit.mm.data import apply_data_args
+    from scalablevit.mm.tasks import DETECTION
+    args = argparse.Namespace(data_root=coco_root, classes=','.join(CLASSES))
+    cfg = apply_data_args(load_config(osp.join(DET, RETINA), DET), args, DETECTION)
     torch.manual_seed(0)
     path = str(tmp_path_factory.mktemp('ckpt') / 'retina.pth')
-    torch.save(dict(meta=dict(epoch=0), state_dict=build_model(cfg).state_dict()), path)
+    torch.save(dict(meta=dict(epoch=0), state_dict=build_model(cfg, DETECTION).state_dict()), path)
     return path
 
 

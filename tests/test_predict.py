@@ -194,7 +194,7 @@ def test_bad_inputs_are_one_line_errors(cls_dir, tmp_path, capsys):
     cases = [
         ([str(img), '--checkpoint', str(tmp_path / 'missing.pth')], 'checkpoint not found'),
         ([str(img), '--checkpoint', str(tmp_path / 'junk.pth')], 'cannot read checkpoint'),
-        ([str(tmp_path / 'nothing*.jpg'), '--checkpoint', str(tmp_path / 'ckpt.pth')], 'no file matches it'),
+        ([str(tmp_path / 'nothing*.jpg'), '--checkpoint', str(tmp_path / 'ckpt.pth')], 'no images match'),
         ([str(img), '--checkpoint', str(tmp_path / 'ckpt.pth'), '--model-kwargs', 'depths=(2,1)'],
          'does not fit ScalableViT: 14 unexpected (stages.1.1.'),
         ([str(img), '--checkpoint', str(tmp_path / 'ckpt.pth'), '--num-classes', '5'], 'of another shape (head.'),

@@ -2,7 +2,6 @@
 the real mmengine Runner, mmseg's models and ``IoUMetric`` (one process and two over gloo, single-scale and
 --aug-test, checkpoint + resume, a short overfit). CPU, about 5 minutes on 2 cores.
 """
-import importlib.util
 import os
 import os.path as osp
 import re
@@ -19,8 +18,8 @@ TINY_FPN = osp.join(SEG, 'configs', 'tiny', 'scalablevit-tiny_fpn_1xb2-40_tiny-a
 TINY_UPERNET = osp.join(SEG, 'configs', 'tiny', 'scalablevit-tiny_upernet_1xb2-40_tiny-ade-64x64.py')
 
 # The published #Param.(M). S is about 0.4M under: the published S backbone (32.4M) is an earlier SSA variant than
-# the released weights (32.0M); see ARCHITECTURE.md.
-SEED_PARAMS_M = {
+# the released weights (32.0M); see the README, "The architecture as released".
+PUBLISHED_PARAMS_M = {
     'scalablevit-s_fpn_4xb4-80k_ade20k-512x512.py': 30.4,
     'scalablevit-b_fpn_4xb4-80k_ade20k-512x512.py': 79.0,
     'scalablevit-l_fpn_4xb4-80k_ade20k-512x512.py': 105.5,
@@ -28,17 +27,6 @@ SEED_PARAMS_M = {
     'scalablevit-b_upernet_8xb2-160k_ade20k-512x512.py': 107.0,
     'scalablevit-l_upernet_8xb2-160k_ade20k-512x512.py': 135.5,
 }
-
-
-def _load(path, name):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-get_flops = _load(osp.join(SEG, 'get_flops.py'), 'seg_get_flops')
-make_tiny_ade = _load(osp.join(SEG, 'tools', 'make_tiny_ade.py'), 'seg_make_tiny_ade')
 
 
 def _run(cmd, timeout=300, env=None, ok=True):
@@ -64,8 +52,9 @@ def _mious(out):
 
 
 @pytest.fixture(scope='module')
-def data_root(tmp_path_factory):
-    return make_tiny_ade.make_tiny_ade(str(tmp_path_factory.mktemp('tiny_ade')), size=64, num_train=8, num_val=4)
+def data_root(tmp_path_factory, load_script):
+    make_tiny_ade = load_script('segmentation/tools/make_tiny_ade.py').make_tiny_ade
+    return make_tiny_ade(str(tmp_path_factory.mktemp('tiny_ade')), size=64, num_train=8, num_val=4)
 
 
 def _options(data_root, iters=None, **extra):
@@ -88,15 +77,19 @@ def _test(config, ckpt, work_dir, data_root, *args):
                  *args, *_options(data_root)])
 
 
-@pytest.mark.parametrize('config', sorted(SEED_PARAMS_M))
-def test_config_builds_with_seed_param_count(config):
-    model = get_flops.build_segmentor(osp.join(SEG, 'configs', config))
+@pytest.mark.parametrize('config', sorted(PUBLISHED_PARAMS_M))
+def test_config_builds_with_the_published_param_count(config):
+    from mmengine.config import Config
+
+    from scalablevit.mm.config import build_model
+    from scalablevit.mm.tasks import SEGMENTATION
+    model = build_model(Config.fromfile(osp.join(SEG, 'configs', config)), SEGMENTATION)
     params_m = sum(p.numel() for p in model.parameters()) / 1e6
-    seed = SEED_PARAMS_M[config]
+    published = PUBLISHED_PARAMS_M[config]
     if config.startswith('scalablevit-s'):
-        assert -0.6 <= params_m - seed <= -0.2, f'{config}: {params_m:.2f}M vs seed {seed}M'
+        assert -0.6 <= params_m - published <= -0.2, f'{config}: {params_m:.2f}M vs published {published}M'
     else:
-        assert abs(params_m - seed) <= 0.2, f'{config}: {params_m:.2f}M vs seed {seed}M'
+        assert abs(params_m - published) <= 0.2, f'{config}: {params_m:.2f}M vs published {published}M'
     assert type(model.backbone).__name__ == 'ScalableViTBackbone'
     assert type(model.decode_head).__name__ == ('UPerHead' if 'upernet' in config else 'FPNHead')
 
@@ -124,7 +117,8 @@ def test_configs_follow_the_recipes():
         assert cfg.tta_model.type == 'SegTTAModel'
         scales = [t['scale'] for t in cfg.tta_pipeline[1].transforms[0]]
         assert scales[0] == (1024, 256) and scales[-1] == (3584, 896)
-        assert 'scalablevit.mm' in cfg.custom_imports.imports
+        assert cfg.custom_imports.imports == ['scalablevit.mm'] and cfg.custom_hooks == [dict(type='PreemptionHook')]
+        assert cfg.train_cfg.type == 'ResumableIterBasedTrainLoop'
 
 
 def test_missing_data_is_a_clear_error(tmp_path):
@@ -184,12 +178,12 @@ def test_two_processes_over_gloo(tmp_path, data_root):
     val = _mious(out)
     assert len(val) == 1
     ckpt = str(tmp_path / 'iter_6.pth')
-    test_out = _run(['bash', 'tools/dist_test.sh', TINY_FPN, ckpt, '2', '--eval', 'mIoU', '--work-dir', str(tmp_path),
+    test_out = _run(['bash', 'dist_test.sh', TINY_FPN, ckpt, '2', '--eval', 'mIoU', '--work-dir', str(tmp_path),
                      *_options(data_root)])
     assert 'Distributed training: True' in test_out
     single = _test(TINY_FPN, ckpt, tmp_path, data_root)
     # the 2-process result covers the whole validation set, not each process's half; and it equals the validation
-    # during training: SyncBN on CPU (scalablevit.mm_compat) keeps one set of BN statistics in both processes.
+    # during training: SyncBN on CPU (scalablevit.mm.compat) keeps one set of BN statistics in both processes.
     assert len(_mious(test_out)) == 1 and _mious(test_out) == _mious(single) == val
 
 
@@ -213,13 +207,15 @@ def test_overfit_tiny_set_raises_miou(tmp_path, data_root):
 
 
 def test_get_flops_prints_params_and_flops(capsys):
-    big = get_flops.main([TINY_FPN, '--shape', '256', '1024'])
+    from scalablevit.mm.flops import flops_main
+    big = flops_main([TINY_FPN, '--shape', '256', '1024'], 'segmentation')
     out = capsys.readouterr().out
-    assert 'input shape: 3x256x1024' in out and f'{big["params"] / 1e6:.2f} M' in out
-    assert 0 < big['attention_flops'] < big['flops']
-    small = get_flops.main([TINY_FPN, '--shape', '64', '256'])
-    assert 'input shape: 3x64x256' in capsys.readouterr().out
+    assert 'FLOPs at 1024x256 (W x H)' in out and f'params: {big["params"] / 1e6:.2f} M (backbone' in out
+    big = big['macs']
+    assert 0 < big.attention < big.total
+    small = flops_main([TINY_FPN, '--shape', '64', '256'], 'segmentation')['macs']
+    assert 'FLOPs at 256x64 (W x H)' in capsys.readouterr().out
     # convolutions and linears scale with the pixels (16x; a bit less here, as small maps pad to whole windows);
     # attention products faster (SSA's keys grow with the image too)
-    assert 12 < (big['flops'] - big['attention_flops']) / (small['flops'] - small['attention_flops']) < 17
-    assert big['attention_flops'] / small['attention_flops'] > 16
+    assert 12 < big.without_attention / small.without_attention < 17
+    assert big.attention / small.attention > 16

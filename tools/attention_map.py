@@ -32,12 +32,8 @@ from timm.data import create_transform, resolve_data_config
 
 import scalablevit
 from scalablevit import InteractiveWindowAttention, ScalableSelfAttention
-from scalablevit.checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict
-
-
-class UsageError(RuntimeError):
-    """Bad input; reported in one line."""
-
+from scalablevit.checkpoint import load_checkpoint, load_state_dict_strict
+from scalablevit.errors import UserError, run_main
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Capture
@@ -50,7 +46,7 @@ class AttentionRecorder:
         self.modules = [(name, m) for name, m in model.named_modules()
                         if isinstance(m, (ScalableSelfAttention, InteractiveWindowAttention))]
         if not self.modules:
-            raise UsageError(f'{type(model).__name__} has no ScalableViT attention modules')
+            raise UserError(f'{type(model).__name__} has no ScalableViT attention modules')
         self.sizes: Dict[str, Tuple[int, int]] = {}
         self.probs: Dict[str, torch.Tensor] = {}
         self._handles = []
@@ -128,7 +124,7 @@ def attention_maps(model: nn.Module, image: torch.Tensor, point: Sequence[float]
     """For a (1, 3, H, W) input: per stage and kind ('IWSA', 'SSA'), the query's attention map on the stage's
     token grid (``map``, sums to 1 over the map), with ``stage``, ``block`` and ``size``."""
     if image.dim() != 4 or image.shape[0] != 1:
-        raise UsageError(f'expected one image (1, 3, H, W), got {tuple(image.shape)}')
+        raise UserError(f'expected one image (1, 3, H, W), got {tuple(image.shape)}')
     recorder = AttentionRecorder(model)
     fused = [(m, m.fused_attn) for _, m in recorder.modules]
     try:
@@ -152,7 +148,7 @@ def attention_maps(model: nn.Module, image: torch.Tensor, point: Sequence[float]
     for (stage, kind), (j, name, m) in sorted(chosen.items()):
         size, probs = recorder.sizes[name], recorder.probs[name]
         if head is not None and not 0 <= head < m.num_heads:
-            raise UsageError(f'--head {head}: stage {stage} has {m.num_heads} heads')
+            raise UserError(f'--head {head}: stage {stage} has {m.num_heads} heads')
         fn = iwsa_row if kind == 'IWSA' else ssa_row
         item = dict(stage=stage, kind=kind, block=j, size=size, map=fn(m, probs, size, point, head),
                     query=query_token(point, size), reduction=getattr(m, 'sr_ratio', None),
@@ -167,26 +163,19 @@ def attention_maps(model: nn.Module, image: torch.Tensor, point: Sequence[float]
 # Model and image
 
 def build_model(args: argparse.Namespace) -> Tuple[nn.Module, Dict[str, Any]]:
-    try:
-        checkpoint = load_checkpoint(args.checkpoint)
-    except CheckpointError as e:
-        raise UsageError(str(e)) from e
+    checkpoint = load_checkpoint(args.checkpoint)
     meta = checkpoint.get('meta') if isinstance(checkpoint.get('meta'), dict) else {}
     name = args.model or meta.get('model')
     if not name:
-        raise UsageError(f'{args.checkpoint} records no model (a released or weights-only file); give --model NAME')
+        raise UserError(f'{args.checkpoint} records no model (a released or weights-only file); give --model NAME')
     kwargs = dict(meta.get('model_kwargs') or {})
     if meta.get('num_classes') is not None:
         kwargs['num_classes'] = meta['num_classes']
     try:
         model = timm.create_model(name, pretrained=False, **kwargs)
     except (RuntimeError, TypeError, ValueError, AssertionError) as e:
-        raise UsageError(f'cannot build model {name} with {kwargs}: {str(e).splitlines()[0]}') from e
-    try:
-        load_state_dict_strict(model, scalablevit.unwrap_state_dict(checkpoint), args.checkpoint,
-                               hint='check --model')
-    except CheckpointError as e:
-        raise UsageError(str(e)) from e
+        raise UserError(f'cannot build model {name} with {kwargs}: {str(e).splitlines()[0]}') from e
+    load_state_dict_strict(model, scalablevit.unwrap_state_dict(checkpoint), args.checkpoint, hint='check --model')
     cfg = dict(meta['pretrained_cfg']) if meta.get('pretrained_cfg') else dict(resolve_data_config(model=model))
     if args.input_size:
         cfg['input_size'] = (3, args.input_size, args.input_size)
@@ -199,7 +188,7 @@ def load_image(path: str, cfg: Dict[str, Any]) -> Tuple[torch.Tensor, torch.Tens
         with open(path, 'rb') as f:
             img = Image.open(f).convert('RGB')
     except (OSError, ValueError) as e:
-        raise UsageError(f'cannot read image {path}: {e}') from e
+        raise UserError(f'cannot read image {path}: {e}') from e
     transform = create_transform(input_size=tuple(cfg['input_size']), is_training=False,
                                  interpolation=cfg['interpolation'], crop_pct=cfg['crop_pct'],
                                  crop_mode=cfg.get('crop_mode', 'center'), mean=tuple(cfg['mean']),
@@ -270,25 +259,23 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def main(args: argparse.Namespace):
+    if not all(0.0 <= p <= 1.0 for p in args.point):
+        raise UserError(f'--point {args.point[0]} {args.point[1]}: give fractions of width and height in [0, 1]')
+    if not args.out.lower().endswith('.png'):
+        raise UserError(f'--out {args.out}: name a .png file')
+    model, cfg = build_model(args)
+    x, shown = load_image(args.image, cfg)
+    maps = attention_maps(model, x, args.point, args.block, args.head)
+    draw(maps, shown, args.point, args.out, title=f'{os.path.basename(args.image)}, query at '
+                                                  f'({args.point[0]:.2f}, {args.point[1]:.2f})')
+    print(f'wrote {args.out}: {len(maps)} maps, stages {sorted({m["stage"] for m in maps})}')
+
+
 def cli(argv=None) -> int:
     parser = argparse.ArgumentParser('ScalableViT attention maps', parents=[get_args_parser()],
                                      description=__doc__.split('\n\n')[0])
-    args = parser.parse_args(argv)
-    try:
-        if not all(0.0 <= p <= 1.0 for p in args.point):
-            raise UsageError(f'--point {args.point[0]} {args.point[1]}: give fractions of width and height in [0, 1]')
-        if not args.out.lower().endswith('.png'):
-            raise UsageError(f'--out {args.out}: name a .png file')
-        model, cfg = build_model(args)
-        x, shown = load_image(args.image, cfg)
-        maps = attention_maps(model, x, args.point, args.block, args.head)
-        draw(maps, shown, args.point, args.out, title=f'{os.path.basename(args.image)}, query at '
-                                                      f'({args.point[0]:.2f}, {args.point[1]:.2f})')
-    except UsageError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 1
-    print(f'wrote {args.out}: {len(maps)} maps, stages {sorted({m["stage"] for m in maps})}')
-    return 0
+    return run_main(main, parser.parse_args(argv))
 
 
 if __name__ == '__main__':

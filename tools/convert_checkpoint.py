@@ -47,11 +47,11 @@ import torch
 import torch.nn as nn
 
 import scalablevit  # noqa: F401  (registers scalable_vit_small/base/large with timm)
-from scalablevit.checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict
+from scalablevit.checkpoint import load_checkpoint, load_state_dict_strict
 from scalablevit.cli import ParseKwargs
-from scalablevit.model import MODEL_ARGS
+from scalablevit.errors import UserError, run_main
+from scalablevit.model import resolve_arch
 
-ARCH_ALIASES = {'s': 'scalable_vit_small', 'b': 'scalable_vit_base', 'l': 'scalable_vit_large'}
 # ScalableViTBackbone arguments that are not ScalableViT size arguments
 BACKBONE_ONLY = ('type', 'arch', 'out_indices', 'out_norm', 'drop_rate', 'attn_drop_rate', 'drop_path_rate',
                  'frozen_stages', 'with_cp', 'pretrained', 'init_cfg')
@@ -59,7 +59,7 @@ WRAPPER_PREFIXES = ('module.', '_orig_mod.')
 NOT_WEIGHTS = ('n_averaged',)  # torch.optim.swa_utils.AveragedModel's counter
 
 
-class ConversionError(RuntimeError):
+class ConversionError(UserError):
     """A conversion that cannot be done or does not check out; reported in one line."""
 
 
@@ -84,16 +84,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 # Reading
 
 def read_checkpoint(path: str) -> Dict[str, Any]:
-    safe: Sequence[Any] = ()
-    try:  # mmengine checkpoints hold a few allow-listed non-tensor objects (message hub, numpy scalars)
-        from scalablevit.mm_compat import MMENGINE_SAFE_GLOBALS
-        safe = MMENGINE_SAFE_GLOBALS
+    try:  # mmengine checkpoints hold a few non-tensor objects, which scalablevit.mm allow-lists
+        import scalablevit.mm  # noqa: F401
     except ImportError:
         pass
-    try:
-        return load_checkpoint(path, safe_globals=safe)
-    except CheckpointError as e:
-        raise ConversionError(str(e)) from e
+    return load_checkpoint(path)
 
 
 def select_weights(checkpoint: Dict[str, Any], ema: bool, source: str) -> Dict[str, torch.Tensor]:
@@ -174,13 +169,12 @@ def backbone_cfg(checkpoint: Dict, args: argparse.Namespace) -> Dict[str, Any]:
         backbone = dict(type='ScalableViTBackbone', arch=args.arch)
     arch = backbone.get('arch', 's')
     extra = {k: v for k, v in backbone.items() if k not in BACKBONE_ONLY}
-    if isinstance(arch, str):
-        name = ARCH_ALIASES.get(arch.lower(), arch)
-        if name not in MODEL_ARGS:
-            raise ConversionError(f'unknown ScalableViT arch {arch!r}; use s, b, l or {", ".join(MODEL_ARGS)}')
-        kwargs = dict(extra)
-    else:  # a dict of sizes over ScalableViT's defaults, which are the small model's
-        name, kwargs = 'scalable_vit_small', {**dict(arch), **extra}
+    try:
+        name, sizes = resolve_arch(arch)
+    except ValueError as e:
+        raise ConversionError(str(e)) from e
+    # a named size: the timm entry point has its sizes; a dict of sizes: over the small model's
+    kwargs = dict(extra) if isinstance(arch, str) else {**sizes, **extra}
     kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
     return dict(name=name, kwargs=kwargs, backbone=backbone)
 
@@ -213,10 +207,7 @@ def build(name: str, kwargs: Dict, num_classes: int) -> nn.Module:
 
 
 def load_strict(model: nn.Module, state_dict: Dict, source: str, hint: str = '', allow_missing=()):
-    try:
-        load_state_dict_strict(model, state_dict, source, allow_missing=allow_missing, hint=hint)
-    except CheckpointError as e:
-        raise ConversionError(str(e)) from e
+    load_state_dict_strict(model, state_dict, source, allow_missing=allow_missing, hint=hint)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -296,10 +287,7 @@ def classifier_to_backbone(checkpoint: Dict, state_dict: Dict, args: argparse.Na
     else:
         kwargs = {k: v for k, v in spec['kwargs'].items() if k != 'num_classes'}
         target = ScalableViTBackbone(arch=spec['name'], out_indices=tuple(range(num_stages)), **kwargs).eval()
-        try:
-            load_pretrained(target, {'state_dict': out})
-        except CheckpointError as e:
-            raise ConversionError(str(e)) from e
+        load_pretrained(target, {'state_dict': out})
         what = 'ScalableViTBackbone, as init_cfg loads it'
     with torch.no_grad():
         got = target.forward_intermediates(x, indices=list(range(num_stages)), intermediates_only=True)
@@ -426,13 +414,7 @@ def cli(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     args = parser.parse_args(argv)
     logging.getLogger('timm').setLevel(logging.WARNING)  # its "Loading pretrained weights" lines of the check
-    try:
-        lines = convert(args)
-    except ConversionError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 1
-    print('\n'.join(lines))
-    return 0
+    return run_main(lambda: print('\n'.join(convert(args))))
 
 
 if __name__ == '__main__':

@@ -3,12 +3,9 @@
 _base_ = [
     'mmdet::_base_/models/retinanet_r50_fpn.py',
     'mmdet::_base_/datasets/coco_detection.py',
-    'mmdet::_base_/default_runtime.py',
     './_base_/scalablevit_adamw_1x.py',
 ]
 
-# ImageNet-1K weights: the released file or classification/'s checkpoint (see README, "Pretrained weights").
-pretrained = 'pretrained/scalable_vit_small.pth'
 model = dict(
     backbone=dict(
         _delete_=True,
@@ -16,9 +13,7 @@ model = dict(
         arch='s',
         out_indices=(1, 2, 3),  # stride 8-32: RetinaNet's FPN starts at stage 2; stage 4's conv is not built
         drop_path_rate=0.2,
-        frozen_stages=-1,
-        with_cp=False,
-        init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
+        init_cfg=dict(type='Pretrained', checkpoint={{_base_.pretrained}})),
     neck=dict(in_channels=[128, 256, 512], start_level=0, add_extra_convs='on_input', num_outs=5))
 
 optim_wrapper = dict(optimizer=dict(lr=1e-4))

@@ -2,6 +2,6 @@ _base_ = './scalablevit-s_upernet_8xb2-160k_ade20k-512x512.py'
 
 pretrained = 'pretrained/scalable_vit_base.pth'
 model = dict(
-    backbone=dict(arch='b', drop_path_rate=0.3, init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
+    backbone=dict(arch='b', drop_path_rate=0.3, init_cfg=dict(checkpoint=pretrained)),
     decode_head=dict(in_channels=[96, 192, 384, 768]),
     auxiliary_head=dict(in_channels=384))

@@ -3,27 +3,15 @@
 # stage 3 (Twins' / Swin's recipe).
 _base_ = [
     'mmseg::_base_/models/upernet_r50.py', '_base_/ade20k.py',
-    'mmseg::_base_/default_runtime.py', 'mmseg::_base_/schedules/schedule_160k.py'
+    '_base_/scalablevit_runtime.py', 'mmseg::_base_/schedules/schedule_160k.py'
 ]
-custom_imports = dict(imports=['scalablevit.mm', 'scalablevit.mm_compat'], allow_failed_imports=False)
 
-# ImageNet-1K weights, relative to the working directory (segmentation/): the released file or classification/'s
-# checkpoint (README, "Pretrained weights"); train from scratch with --no-pretrained.
-pretrained = 'pretrained/scalable_vit_small.pth'
 crop_size = (512, 512)
 data_preprocessor = dict(size=crop_size)
 model = dict(
     data_preprocessor=data_preprocessor,
     pretrained=None,
-    backbone=dict(
-        _delete_=True,
-        type='ScalableViTBackbone',
-        arch='s',
-        out_indices=(0, 1, 2, 3),
-        drop_path_rate=0.2,
-        frozen_stages=-1,
-        with_cp=False,
-        init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
+    backbone={{_base_.scalablevit_s}},
     decode_head=dict(in_channels=[64, 128, 256, 512], num_classes=150),
     auxiliary_head=dict(in_channels=256, num_classes=150))
 
@@ -41,3 +29,4 @@ train_dataloader = dict(batch_size=2, num_workers=2)
 val_dataloader = dict(batch_size=1, num_workers=4)
 test_dataloader = val_dataloader
 auto_scale_lr = dict(enable=False, base_batch_size=16)
+train_cfg = dict(type='ResumableIterBasedTrainLoop')  # resumes without re-reading the batches trained on

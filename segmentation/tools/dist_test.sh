@@ -1,7 +1,4 @@
 #!/usr/bin/env bash
-# bash tools/dist_test.sh CONFIG CHECKPOINT GPUS [--aug-test] [--eval mIoU] [test.py options]: one process per GPU
-# (CPU processes over gloo without GPUs). NNODES, NODE_RANK, MASTER_ADDR, PORT for several nodes (../tools/dist_run.sh).
-set -e
-[ $# -ge 3 ] || { echo "usage: bash tools/dist_test.sh CONFIG CHECKPOINT GPUS [test.py options]" >&2; exit 2; }
-HERE=$(cd "$(dirname "$0")" && pwd)
-exec bash "$HERE/../../tools/dist_run.sh" "$3" "$HERE/../test.py" "$1" "$2" "${@:4}"
+# The published command's path (bash tools/dist_test.sh CONFIG CHECKPOINT GPUS [--aug-test] [--eval mIoU]): the same
+# as ../dist_test.sh.
+exec bash "$(cd "$(dirname "$0")" && pwd)/../dist_test.sh" "$@"

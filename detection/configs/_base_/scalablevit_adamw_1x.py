@@ -1,10 +1,11 @@
 # What every ScalableViT detector shares: the backbone's registration and the AdamW 1x schedule of the paper's
 # peers (PVT, Twins, Swin on mmdet): 12 epochs, lr steps after epochs 8 and 11, 500 iterations of linear warm-up,
-# no weight decay on norms and on the positional convs (`pos_block`). Batch: 8 GPUs x 2 images.
-custom_imports = dict(imports=['scalablevit.mm', 'scalablevit.mm_compat'], allow_failed_imports=False)
+# no weight decay on norms and on the positional convs (`pos_block`). Batch: 8 GPUs x 2 images. A run stopped by
+# a signal resumes mid-epoch (ResumableEpochBasedTrainLoop).
+_base_ = './scalablevit_runtime.py'
 
 max_epochs = 12
-train_cfg = dict(type='EpochBasedTrainLoop', max_epochs=max_epochs, val_interval=1)
+train_cfg = dict(type='ResumableEpochBasedTrainLoop', max_epochs=max_epochs, val_interval=1)
 val_cfg = dict(type='ValLoop')
 test_cfg = dict(type='TestLoop')
 

@@ -1,11 +1,9 @@
 # mmdet's runtime with a few epochs on the tiny dataset: short warm-up, AdamW at 1e-3 (training from scratch),
 # a checkpoint each epoch, a log line every 4 iterations.
-_base_ = 'mmdet::_base_/default_runtime.py'
-
-custom_imports = dict(imports=['scalablevit.mm', 'scalablevit.mm_compat'], allow_failed_imports=False)
+_base_ = './scalablevit_runtime.py'
 
 max_epochs = 4
-train_cfg = dict(type='EpochBasedTrainLoop', max_epochs=max_epochs, val_interval=max_epochs)
+train_cfg = dict(type='ResumableEpochBasedTrainLoop', max_epochs=max_epochs, val_interval=max_epochs)
 val_cfg = dict(type='ValLoop')
 test_cfg = dict(type='TestLoop')
 param_scheduler = [dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=10)]

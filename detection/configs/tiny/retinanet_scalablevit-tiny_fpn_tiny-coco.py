@@ -13,7 +13,7 @@ model = dict(
         drop_path_rate=0.1, init_cfg=None),
     neck=dict(in_channels=[64, 96, 128], out_channels=64, start_level=0, add_extra_convs='on_input', num_outs=5),
     bbox_head=dict(num_classes=3, in_channels=64, feat_channels=64, stacked_convs=2),
-    test_cfg=dict(score_thr=0.01))  # an untrained detector scores below mmdet's 0.05 (MM_STACK.md, pitfall 8)
+    test_cfg=dict(score_thr=0.01))  # an untrained detector scores below mmdet's 0.05 (no boxes: no mAP)
 
 val_evaluator = dict(metric='bbox')
 test_evaluator = val_evaluator

@@ -6,9 +6,7 @@ _base_ = ['mmseg::_base_/models/upernet_r50.py', '../_base_/tiny_ade.py']
 model = dict(
     data_preprocessor=dict(size={{_base_.crop_size}}),
     pretrained=None,
-    backbone=dict(
-        _delete_=True, type='ScalableViTBackbone', arch={{_base_.tiny_arch}}, out_indices=(0, 1, 2, 3),
-        drop_path_rate=0.0, init_cfg=None),
+    backbone={{_base_.tiny_backbone}},
     decode_head=dict(in_channels=[16, 32, 64, 128], channels=32, dropout_ratio=0.0, num_classes=150),
     auxiliary_head=dict(in_channels=64, channels=16, dropout_ratio=0.0, num_classes=150))
 

@@ -1,47 +1,21 @@
-"""ScalableViT for OpenMMLab (mmengine / mmdet 3.x / mmseg 1.x).
+"""``ScalableViTBackbone``: ScalableViT as the backbone of mmdet / mmseg models (mmseg's ``twins.py`` and mmdet's
+``swin.py`` are the pattern: a ``BaseModule``-style ``init_cfg`` and a tuple of NCHW maps).
 
-Import this through a config's ``custom_imports = dict(imports=['scalablevit.mm'], allow_failed_imports=False)``.
-It registers one backbone, ``ScalableViTBackbone``, in mmengine's root ``MODELS`` registry, which mmdet's and
-mmseg's registries search through their parent, so detection and segmentation share it. The backbone *is* the
-classification model (a subclass of :class:`scalablevit.ScalableViT`), so its parameter names are the
-released checkpoint's and an ImageNet checkpoint loads by name.
-
-The module only defines and registers; it patches nothing. The fixes that make mmengine run on today's torch and on
-CPU live in :mod:`scalablevit.mm_compat`, which the command-line code and the configs' ``custom_imports`` import
-explicitly; a checkpoint that does not fit is reported by :mod:`scalablevit.checkpoint`, as everywhere else.
+The backbone *is* the classification model (a subclass of :class:`scalablevit.ScalableViT`), so its parameter names
+are the released checkpoint's and an ImageNet checkpoint loads by name. It is registered in mmengine's root
+``MODELS`` registry, which mmdet's and mmseg's registries search through their parent.
 """
-import logging
 from typing import Dict, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
+from mmengine.logging import print_log
+from mmengine.registry import MODELS
 
-from .checkpoint import CheckpointMismatchError, check_state_dict, load_checkpoint
-from .model import MODEL_ARGS, ScalableViT, unwrap_state_dict
+from ..checkpoint import check_state_dict, load_checkpoint
+from ..model import ScalableViT, resolve_arch, unwrap_state_dict
 
-try:
-    import mmengine
-    from mmengine.registry import MODELS
-except ImportError as e:  # pragma: no cover - depends on the environment
-    raise ImportError(
-        'scalablevit.mm needs the OpenMMLab stack (mmengine, mmcv with compiled ops, mmdet/mmseg); '
-        'install it with `bash install.sh` from the repository root') from e
-
-__all__ = ['ScalableViTBackbone', 'ARCH_ALIASES', 'CheckpointMismatchError', 'load_pretrained']
-
-_logger = logging.getLogger(__name__)
-
-ARCH_ALIASES = {'s': 'scalable_vit_small', 'b': 'scalable_vit_base', 'l': 'scalable_vit_large'}
-
-
-def _arch_args(arch: Union[str, Dict]) -> Dict:
-    if isinstance(arch, dict):
-        return dict(arch)
-    name = ARCH_ALIASES.get(arch.lower(), arch)
-    if name not in MODEL_ARGS:
-        raise ValueError(f'unknown ScalableViT arch {arch!r}; use one of {sorted(ARCH_ALIASES)}, '
-                         f'{sorted(MODEL_ARGS)} or a dict of sizes')
-    return dict(MODEL_ARGS[name])
+__all__ = ['ScalableViTBackbone', 'load_pretrained']
 
 
 def load_pretrained(model: ScalableViT, checkpoint: Union[str, Dict], prefix: str = '') -> Dict[str, list]:
@@ -87,16 +61,20 @@ class ScalableViTBackbone(ScalableViT):
 
     Args:
         arch: ``'s'``, ``'b'``, ``'l'``, a timm name (``'scalable_vit_small'``) or a dict of
-            :class:`scalablevit.ScalableViT` size arguments (``embed_dims``, ``depths``, ...).
-        out_indices: stages whose outputs are returned.
-        out_norm: a LayerNorm on each returned map (``out_norms.{i}``).
-        drop_rate: dropout after patch embeddings and in MLPs.
-        attn_drop_rate: dropout on attention weights.
-        drop_path_rate: stochastic depth, linear over all blocks.
+            :class:`scalablevit.ScalableViT` size arguments (``embed_dims``, ``depths``, ...). Default: ``'s'``.
+        out_indices: stages whose outputs are returned, increasing; stages after the last are not built.
+            Default: ``(0, 1, 2, 3)``.
+        out_norm: a LayerNorm on each returned map (``out_norms.{i}``). Default: ``True``.
+        drop_rate: dropout after patch embeddings and in MLPs. Default: 0.
+        attn_drop_rate: dropout on attention weights. Default: 0.
+        drop_path_rate: stochastic depth, linear over all blocks. Default: 0.1.
         frozen_stages: stages ``0..frozen_stages`` are frozen (no grad, eval mode); -1 freezes nothing.
-        with_cp: gradient checkpointing per block.
+            Default: -1.
+        with_cp: gradient checkpointing per block. Default: ``False``.
         pretrained: path of an ImageNet checkpoint; same as ``init_cfg=dict(type='Pretrained', checkpoint=...)``.
-        init_cfg: ``dict(type='Pretrained', checkpoint=PATH, prefix=...)`` or ``None`` (ScalableViT's own init).
+            Default: ``None``.
+        init_cfg: ``dict(type='Pretrained', checkpoint=PATH, prefix=...)`` or ``None`` (ScalableViT's own init),
+            applied by mmengine's runner through :meth:`init_weights`. Default: ``None``.
         **kwargs: other :class:`scalablevit.ScalableViT` arguments (they override ``arch``).
     """
 
@@ -114,7 +92,7 @@ class ScalableViTBackbone(ScalableViT):
             init_cfg: Optional[Dict] = None,
             **kwargs,
     ):
-        model_args = _arch_args(arch)
+        _, model_args = resolve_arch(arch)
         model_args.update(kwargs)
         model_args.pop('num_classes', None)
         super().__init__(num_classes=0, drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
@@ -153,7 +131,6 @@ class ScalableViTBackbone(ScalableViT):
             return
         ckpt = self.init_cfg['checkpoint']
         info = load_pretrained(self, ckpt, prefix=self.init_cfg.get('prefix', ''))
-        from mmengine.logging import print_log
         print_log(f'ScalableViTBackbone: loaded {ckpt}; dropped {len(info["dropped"])} classification keys '
                   f'({", ".join(sorted({k.split(".")[0] for k in info["dropped"]})) or "none"}), skipped '
                   f'{len(info["skipped"])} of unused stages, initialised {", ".join(info["missing"]) or "nothing"}',
@@ -179,5 +156,3 @@ class ScalableViTBackbone(ScalableViT):
             outs.append(y.permute(0, 3, 1, 2).contiguous())  # (B, C, H, W)
         return tuple(outs)
 
-
-_logger.debug('scalablevit.mm registered ScalableViTBackbone (mmengine %s)', mmengine.__version__)

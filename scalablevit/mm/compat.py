@@ -1,0 +1,164 @@
+"""The patches that make mmengine 0.10 / mmcv 2.1 run on torch 2.14, on CPU, and write files atomically.
+
+``import scalablevit.mm`` applies them, once; none changes what a CUDA run computes.
+
+1. Checkpoints under ``torch.load(weights_only=True)`` (torch's default since 2.6). mmengine 0.10 calls
+   ``torch.load`` without the argument, and its checkpoints hold a few non-tensor objects (the message hub's
+   ``HistoryBuffer``, numpy arrays, dtypes and scalars), so test, ``load_from`` and resume would fail. Exactly these
+   classes (:data:`MMENGINE_SAFE_GLOBALS`) are allow-listed with ``torch.serialization.add_safe_globals``; the
+   weights-only safety itself stays on (``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` is never needed).
+2. mmengine's PyTorch launcher (``mmengine.dist.utils._init_dist_pytorch``) always calls ``torch.cuda.set_device``;
+   without a GPU it initialises a gloo process group instead, so ``torchrun`` works on CPU.
+3. ``SyncBN`` on CPU: torch's ``SyncBatchNorm`` only runs on accelerators. :class:`SyncBatchNormCPU` (registered
+   as ``SyncBNCPU``) computes the batch statistics over all processes with a differentiable all-reduce (gloo), as
+   SyncBN does on GPUs, so every process holds the same running statistics: validation during training equals
+   testing the saved checkpoint. ``scalablevit.mm.config.adapt_cfg_to_device`` swaps ``SyncBN`` for it on CPU.
+4. Atomic files. mmengine writes checkpoints (scheduled, best, last), dumps and the ``last_checkpoint`` pointer in
+   place, so a kill or a full disk during a write leaves a truncated file under the final name. Local writes through
+   its file backend (``LocalBackend.put`` / ``put_text``) and the files ``CheckpointHook`` opens for writing go
+   through :func:`scalablevit.checkpoint.atomic_write` instead: a temporary file in the same folder, fsynced, then
+   renamed; a failure leaves what was there and is a one-line ``DiskWriteError`` (folder, bytes needed, bytes free).
+"""
+import builtins
+import io
+import os
+
+import mmengine.hooks.checkpoint_hook as _mm_checkpoint_hook
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from mmengine.dist import utils as _mm_dist_utils
+from mmengine.fileio.backends.local_backend import LocalBackend
+from mmengine.registry import MODELS
+
+from ..checkpoint import atomic_write
+
+__all__ = ['MMENGINE_SAFE_GLOBALS', 'SyncBatchNormCPU', 'atomic_open']
+
+
+def _mmengine_safe_globals() -> list:
+    import numpy as np
+    from mmengine.logging.history_buffer import HistoryBuffer
+
+    safe = [HistoryBuffer, np.ndarray, np.dtype, getattr]
+    safe += [type(np.dtype(t)) for t in ('bool', 'int8', 'int16', 'int32', 'int64', 'uint8', 'float16',
+                                         'float32', 'float64')]
+    core = getattr(np, '_core', None) or np.core
+    safe += [core.multiarray.scalar, core.multiarray._reconstruct]
+    return safe
+
+
+#: What mmengine checkpoints need beyond tensors under ``weights_only=True``. Allowed for good on import; do not pass
+#: them to ``torch.serialization.safe_globals`` as well: that context removes them again on exit.
+MMENGINE_SAFE_GLOBALS = _mmengine_safe_globals()
+
+
+def _init_dist_pytorch_any_device(backend: str, init_backend: str = 'torch', **kwargs) -> None:
+    """mmengine's PyTorch launcher, but gloo and no ``cuda.set_device`` when there is no GPU."""
+    if torch.cuda.is_available() or init_backend != 'torch':
+        return _ORIGINAL_INIT_DIST_PYTORCH(backend, init_backend=init_backend, **kwargs)
+    dist.init_process_group(backend='gloo', **kwargs)
+
+
+class SyncBatchNormCPU(nn.BatchNorm2d):
+    """Batch norm whose training statistics are those of the whole batch over all processes (SyncBN), on CPU.
+
+    Outside distributed training, or in eval mode, it is ``nn.BatchNorm2d``. Running statistics follow torch's
+    ``SyncBatchNorm`` (momentum update with the unbiased variance of the global batch).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        import torch.distributed.nn.functional as dist_nn
+
+        c = x.shape[1]
+        flat = x.transpose(0, 1).reshape(c, -1)  # (C, B*H*W)
+        count = torch.full((1,), flat.shape[1], dtype=x.dtype, device=x.device)
+        stats = dist_nn.all_reduce(torch.cat([flat.sum(1), flat.square().sum(1), count]))  # (2C + 1,), summed
+        n = stats[-1]
+        mean = stats[:c] / n
+        var = (stats[c:2 * c] / n - mean.square()).clamp_min(0)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                momentum = self.momentum if self.momentum is not None else 1. / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - momentum).add_(momentum * mean.detach())
+                self.running_var.mul_(1 - momentum).add_(momentum * var.detach() * n / (n - 1).clamp_min(1))
+        shape = (1, c) + (1,) * (x.dim() - 2)
+        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y
+
+    def _check_input_dim(self, x):
+        if x.dim() < 2:
+            raise ValueError(f'expected at least 2D input (got {x.dim()}D input)')
+
+
+class _AtomicBuffer:
+    """A file opened for writing whose content reaches its path, atomically, when it is closed without an error (a
+    ``with`` block that raises writes nothing)."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self._path = path
+
+    def _content(self) -> bytes:
+        raise NotImplementedError
+
+    def close(self):
+        if not self.closed:
+            data = self._content()
+            super().close()
+            atomic_write(self._path, data)
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            super().close()  # discard
+        else:
+            self.close()
+
+
+class _AtomicTextFile(_AtomicBuffer, io.StringIO):
+    def _content(self) -> bytes:
+        return self.getvalue().encode()
+
+
+class _AtomicBinaryFile(_AtomicBuffer, io.BytesIO):
+    def _content(self) -> bytes:
+        return self.getvalue()
+
+
+def atomic_open(file, mode: str = 'r', *args, **kwargs):
+    """``open`` whose plain write modes (``'w'``, ``'wt'``, ``'wb'``) write atomically on close; any other mode is
+    ``open`` itself."""
+    if mode in ('w', 'wt'):
+        return _AtomicTextFile(os.fspath(file))
+    if mode == 'wb':
+        return _AtomicBinaryFile(os.fspath(file))
+    return builtins.open(file, mode, *args, **kwargs)
+
+
+def _atomic_put(self, obj: bytes, filepath) -> None:
+    atomic_write(filepath, obj)
+
+
+def _atomic_put_text(self, obj: str, filepath, encoding: str = 'utf-8') -> None:
+    atomic_write(filepath, obj.encode(encoding))
+
+
+def _apply():
+    global _ORIGINAL_INIT_DIST_PYTORCH
+    torch.serialization.add_safe_globals(MMENGINE_SAFE_GLOBALS)
+    if getattr(_mm_dist_utils._init_dist_pytorch, '__name__', '') != _init_dist_pytorch_any_device.__name__:
+        _ORIGINAL_INIT_DIST_PYTORCH = _mm_dist_utils._init_dist_pytorch
+        _mm_dist_utils._init_dist_pytorch = _init_dist_pytorch_any_device
+    if 'SyncBNCPU' not in MODELS.module_dict:
+        MODELS.register_module('SyncBNCPU', module=SyncBatchNormCPU)
+    LocalBackend.put, LocalBackend.put_text = _atomic_put, _atomic_put_text
+    _mm_checkpoint_hook.open = atomic_open  # its only file it opens itself: the last_checkpoint pointer
+
+
+_ORIGINAL_INIT_DIST_PYTORCH = _mm_dist_utils._init_dist_pytorch
+_apply()

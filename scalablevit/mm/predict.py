@@ -1,0 +1,178 @@
+"""Predict on a user's own images with a trained detector or segmenter: ``detection/predict.py`` and
+``segmentation/predict.py`` run :func:`predict_main`.
+
+    python predict.py INPUT [INPUT ...] CONFIG --weights CKPT [--out-dir DIR] [--score-thr 0.3] [--device cpu]
+
+INPUT is an image file, a folder (searched recursively for images) or a glob (``'photos/*.jpg'``, quoted or
+expanded by the shell). The model, its test pipeline and the drawing are mmdet's ``DetInferencer`` and mmseg's
+``MMSegInferencer`` built from our config; what this module adds around them:
+
+* the checkpoint is read with ``torch.load(weights_only=True)`` (:func:`scalablevit.checkpoint.load_checkpoint`)
+  and must fit the config's model exactly (:func:`scalablevit.checkpoint.check_state_dict`); the inferencers
+  alone would load a partial checkpoint with a warning;
+* class names come from the checkpoint (``meta.dataset_meta``, written by the training runner), else from the
+  config's test data set (``--classes``-style metainfo), never from COCO / Cityscapes defaults;
+* outputs are named after the inputs' paths relative to their common folder (two ``img.jpg`` in different
+  folders do not overwrite each other), one JSON per image holding the image path and the class names;
+* an unreadable image is reported by name and skipped, the others are still predicted; a missing config, weights
+  file or input is one line and exit status 1.
+
+Outputs (the layout of mmdet's and mmseg's demos):
+
+* ``DIR/vis/<name>``: the image with the prediction drawn: boxes, masks and class names with scores (detection,
+  boxes scoring at least ``--score-thr``); the class colour overlay with class names (segmentation, ``--opacity``).
+* ``DIR/preds/<stem>.json``, detection: ``{"image", "height", "width", "labels", "label_names", "scores",
+  "bboxes"`` (x1, y1, x2, y2 in input pixels), ``"masks"`` (COCO RLE, Mask R-CNN)``}``, every detection the
+  model returns (its ``test_cfg`` threshold applies; ``--score-thr`` only chooses what is drawn), mmdet's
+  ``DetInferencer.pred2dict`` format plus the image and names.
+* ``DIR/preds/<stem>.png`` + ``<stem>.json``, segmentation: the label map (pixel value = class index, the input's
+  size) and ``{"image", "height", "width", "classes", "label_map", "segments": [{"label", "label_name", "area",
+  "mask"}]}`` with one COCO RLE mask per class present.
+"""
+import argparse
+import logging
+import os.path as osp
+import sys
+from typing import List, Optional, Sequence
+
+from mmengine.config import Config, DictAction
+from mmengine.logging import print_log
+
+from ..checkpoint import check_state_dict, load_checkpoint
+from ..cli import collect_images
+from ..errors import UserError
+from ..model import unwrap_state_dict
+from .tasks import get_task
+
+__all__ = ['predict_main']
+
+
+def _output_names(paths: Sequence[str]) -> List[str]:
+    """Each path relative to the common folder of all of them (so names are unique and keep sub-folders)."""
+    absolute = [osp.abspath(p) for p in paths]
+    common = osp.commonpath([osp.dirname(p) for p in absolute])
+    return [osp.relpath(p, common) for p in absolute]
+
+
+def _readable(path: str) -> Optional[str]:
+    """``None`` if mmcv can decode the file as a colour image (as the test pipeline will), else the reason."""
+    import mmcv
+    try:
+        with open(path, 'rb') as f:
+            data = f.read()
+        img = mmcv.imfrombytes(data, flag='color')
+    except Exception as e:  # noqa: BLE001  (decoders raise many types; the image is skipped either way)
+        return f'{type(e).__name__}: {e}'
+    if img is None or img.size == 0:
+        return 'not an image mmcv/OpenCV can decode'
+    return None
+
+
+def _make_inferencer(task, cfg, checkpoint: dict, weights: str, device: str):
+    """mmdet's DetInferencer / mmseg's MMSegInferencer, with the checkpoint already read and checked strictly."""
+    from mmengine.registry import MODELS
+
+    datasets = task.registry('DATASETS')
+
+    class Inferencer(task.inferencer_class()):
+        def _init_model(self, cfg, weights_, device_):
+            # BaseInferencer._init_model without its own (non-strict, unsafe) checkpoint read.
+            if cfg.model.get('pretrained') is not None:
+                del cfg.model.pretrained
+            model = MODELS.build(cfg.model)
+            model.cfg = cfg
+            check_state_dict(model, unwrap_state_dict(checkpoint), weights,
+                             hint='predict needs a checkpoint that train.py wrote for this config')
+            self._load_weights_to_model(model, checkpoint, cfg)
+            model.to(device_)
+            model.eval()
+            return model
+
+        def _load_weights_to_model(self, model, checkpoint_, cfg):
+            super()._load_weights_to_model(model, checkpoint_, cfg)
+            if 'dataset_meta' not in checkpoint_.get('meta', {}):
+                # no names in the checkpoint: the config's test data set (not COCO's / Cityscapes' defaults)
+                ds_cfg = dict(cfg.test_dataloader.dataset, lazy_init=True)
+                meta = datasets.build(ds_cfg).metainfo
+                model.dataset_meta = dict(model.dataset_meta, classes=meta['classes'])
+                if meta.get('palette') is not None:
+                    model.dataset_meta['palette'] = meta['palette']
+
+    inferencer = Inferencer(model=cfg, weights=weights, device=device, scope=task.scope)
+    inferencer.show_progress = False
+    return inferencer
+
+
+def build_parser(task) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=f'Predict with a ScalableViT {task.name} model on your images')
+    parser.add_argument('inputs', nargs='+', metavar='INPUT', help='image files, folders (recursive) or globs')
+    parser.add_argument('config', help='the config the weights were trained with')
+    parser.add_argument('--weights', required=True,
+                        help='checkpoint written by train.py (e.g. work_dirs/X/epoch_12.pth)')
+    parser.add_argument('--out-dir', default='outputs', help='where vis/ and preds/ go (default: outputs)')
+    parser.add_argument('--device', default=None, help='cpu, cuda, cuda:1 ... (default: cuda if available)')
+    parser.add_argument('--batch-size', type=int, default=1, help='images per forward pass')
+    task.add_predict_args(parser)
+    parser.add_argument('--no-vis', action='store_true', help='write preds/ only')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override config settings, key=value (e.g. model.test_cfg.score_thr=0.05)')
+    return parser
+
+
+def predict_main(argv: Optional[List[str]], task, task_dir: Optional[str] = None) -> dict:
+    """Predict; returns ``dict(predicted=[paths], skipped={path: reason})``."""
+    import torch
+
+    task = get_task(task)
+    args = build_parser(task).parse_args(argv)
+    if args.batch_size < 1:
+        raise UserError(f'--batch-size must be at least 1, got {args.batch_size}')
+    if not osp.isfile(args.config):
+        raise UserError(f'config file not found: {args.config}')
+    if not osp.isfile(args.weights):
+        raise UserError(f'--weights: checkpoint not found: {args.weights}')
+    paths = collect_images(args.inputs)
+    checkpoint = load_checkpoint(args.weights)  # weights_only=True; scalablevit.mm allow-lists mmengine's classes
+    device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    if device.startswith('cuda') and not torch.cuda.is_available():
+        raise UserError(f'--device {device}: no CUDA device here; use --device cpu')
+
+    cfg = Config.fromfile(args.config)
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    task.check_scope(cfg)
+    inferencer = _make_inferencer(task, cfg, checkpoint, args.weights, device)
+
+    skipped = {}
+    readable = []
+    for p in paths:
+        reason = _readable(p)
+        if reason is None:
+            readable.append(p)
+        else:
+            skipped[p] = reason
+            print_log(f'skipping {p}: cannot read it as an image ({reason})', logger='current', level=logging.WARNING)
+    if not readable:
+        raise UserError(f'none of the {len(paths)} input files could be read as an image')
+    names = dict(zip(paths, _output_names(paths)))
+    vis_dir, pred_dir = osp.join(args.out_dir, 'vis'), osp.join(args.out_dir, 'preds')
+
+    import mmcv
+    import numpy as np
+    from rich.progress import track
+
+    batches = [readable[i:i + args.batch_size] for i in range(0, len(readable), args.batch_size)]
+    for batch in track(batches, description=f'Predicting {len(readable)} images', disable=not sys.stderr.isatty()):
+        for chunk in inferencer.preprocess(batch, batch_size=len(batch)):  # one chunk: the whole batch
+            preds = inferencer.forward(task.preprocessed(chunk))
+            vis = None
+            if not args.no_vis:
+                vis = inferencer.visualize(batch, preds, return_vis=True, **task.visualize_kwargs(args))
+            for i, (path, pred) in enumerate(zip(batch, preds)):
+                name = names[path]
+                if vis is not None:
+                    mmcv.imwrite(np.ascontiguousarray(vis[i][..., ::-1]), osp.join(vis_dir, name))  # drawn in RGB
+                task.write_prediction(inferencer, pred, path, osp.join(pred_dir, osp.splitext(name)[0]))
+    print_log(f'predicted {len(readable)} images: {"" if args.no_vis else vis_dir + "/ and "}{pred_dir}/'
+              + (f'; skipped {len(skipped)} unreadable: {", ".join(skipped)}' if skipped else ''), logger='current')
+    return dict(predicted=readable, skipped=skipped)
