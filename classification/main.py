@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 from torch.utils.data.distributed import DistributedSampler
 
 import scalablevit  # registers scalable_vit_small/base/large with timm
-from scalablevit.cli import AMP_DTYPES, ParseKwargs
+from scalablevit.cli import AMP_DTYPES, ParseKwargs, check_compile, release_process_group
 from scalablevit.errors import EXIT_ERROR, EXIT_STOPPED, UserError, error_line
 from scalablevit.info import count_params, describe
 from scalablevit.signals import StopOnSignal
@@ -72,6 +72,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--no-model-ema', action='store_false', dest='model_ema')
     group.add_argument('--model-ema-decay', type=float, default=0.99996)
     group.add_argument('--model-ema-force-cpu', action='store_true', default=False)
+    group.add_argument('--compile', nargs='?', const='default', default=None, metavar='MODE',
+                       help='train and evaluate through torch.compile (MODE: default, reduce-overhead, max-autotune); '
+                            'the first steps compile (see README, "Compiled training"); checkpoints stay plain')
     group.add_argument('--grad-checkpointing', action='store_true', default=False,
                        help='recompute activations in the backward pass to save memory')
 
@@ -189,6 +192,8 @@ def check_args(args: argparse.Namespace):
         raise UserError('--resume auto is for training; give --eval a checkpoint file')
     if args.output_dir and training:
         check_output_dir(args.output_dir)
+    if args.compile:
+        check_compile('cuda' if str(args.device).startswith('cuda') else 'cpu')
     if args.tensorboard and importlib.util.find_spec('tensorboard') is None:
         raise UserError('--tensorboard needs the tensorboard package: pip install tensorboard')
     if args.data_set == 'IMNET' and not args.throughput:
@@ -301,6 +306,14 @@ def load_finetune(model: torch.nn.Module, path: str):
     _logger.info(f'finetune: loaded {len(state_dict)} tensors from {path}')
 
 
+def compiled(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module:
+    """``model`` through ``torch.compile`` with ``--compile``'s mode, else ``model``."""
+    if not args.compile:
+        return model
+    _logger.info(f'--compile {args.compile}: the first training and evaluation steps compile the model')
+    return torch.compile(model, mode=None if args.compile == 'default' else args.compile)
+
+
 def step_seeder(args: argparse.Namespace, epoch: int):
     """Re-seeds the RNGs before each batch from (seed, rank, epoch, step), for exact resume within an epoch."""
     rank = utils.get_rank()
@@ -351,7 +364,7 @@ def main(args: argparse.Namespace):
     model.to(device)
 
     if args.throughput:
-        stats = throughput(model, device, args.batch_size, args.input_size, amp_dtype)
+        stats = throughput(compiled(model, args), device, args.batch_size, args.input_size, amp_dtype)
         dtype = str(amp_dtype or torch.float32).replace('torch.', '')
         _logger.info(f'throughput: {stats["images_per_s"]:.1f} images/s ({args.model}, batch {args.batch_size} at '
                      f'{args.input_size}x{args.input_size}, device {device} '
@@ -369,6 +382,9 @@ def main(args: argparse.Namespace):
         model = DistributedDataParallel(model, device_ids=[args.gpu] if device.type == 'cuda' else None)
         model_without_ddp = model.module
     n_parameters = count_params(model, trainable_only=True)
+    # Compiled around DDP (its graph breaks at the gradient buckets); checkpoints come from model_without_ddp, so
+    # they hold the plain state dict. The EMA copy above stays eager.
+    model = compiled(model, args)
 
     world = utils.get_world_size()
     effective_batch = args.batch_size * world * args.grad_accum_steps
@@ -537,8 +553,11 @@ def cli(argv=None) -> int:
     rank = int(os.environ.get('RANK', os.environ.get('SLURM_PROCID', '0')))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout,
                         format='%(asctime)s %(message)s', datefmt='%H:%M:%S')
+    stopped = False
     try:
         result = main(args)
+        stopped = isinstance(result, dict) and bool(result.get('stopped'))
+        del result  # the model it holds keeps the process group: freed before the group goes
     except (UserError, FloatingPointError) as e:
         # Problems with the command line, the data set or a checkpoint are the same on every process: rank 0 says
         # it. Problems met while training or evaluating (an unreadable image, a full disk) are said by the process
@@ -553,10 +572,9 @@ def cli(argv=None) -> int:
             return 1
         raise
     finally:
-        if utils.is_dist_avail_and_initialized():
-            torch.distributed.destroy_process_group()
+        release_process_group()
     # stopped by SIGTERM / SIGUSR1 with its checkpoint written: the status a requeueing script tests for
-    return EXIT_STOPPED if isinstance(result, dict) and result.get('stopped') else 0
+    return EXIT_STOPPED if stopped else 0
 
 
 if __name__ == '__main__':

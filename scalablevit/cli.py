@@ -12,7 +12,7 @@ import torch
 from .errors import UserError, run_main
 
 __all__ = ['AMP_DTYPES', 'IMG_EXTENSIONS', 'ParseKwargs', 'check_compile', 'check_mm_stack', 'collect_images',
-           'run_mm_command']
+           'release_process_group', 'run_mm_command']
 
 #: ``--amp-dtype`` choices.
 AMP_DTYPES = {'float16': torch.float16, 'bfloat16': torch.bfloat16}
@@ -109,15 +109,36 @@ _MM_COMMANDS = {
 }
 
 
+def release_process_group() -> None:
+    """Before a command's process exits: free what still holds the process group, then destroy it.
+
+    Objects in reference cycles (mmengine's Runner and its loops and hooks, hence the DDP wrapper) keep a gloo
+    process group alive after ``destroy_process_group()`` until the interpreter's own teardown. Its worker threads
+    are then still running, and one that finishes a collective takes the GIL of an interpreter being torn down:
+    the thread is ended by a forced unwind through C++ code, which aborts the process ("terminate called without
+    an active exception", status -6) after it did all its work. Collecting the cycles first lets the group's
+    destructor join its threads while Python is alive. See ``docs/gloo_exit_abort.md`` for a 20-line reproduction.
+    """
+    import gc
+
+    import torch.distributed as dist
+    gc.collect()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    gc.collect()
+
+
 def run_mm_command(command: str, task: str, argv: Sequence[str], task_dir: str) -> int:
     """The whole of ``detection|segmentation/{train,test,predict,get_flops}.py``: check the OpenMMLab stack, run the
-    command of ``scalablevit.mm`` for ``task`` (``'detection'`` or ``'segmentation'``), and return the exit status
-    (:func:`scalablevit.errors.run_main`)."""
+    command of ``scalablevit.mm`` for ``task`` (``'detection'`` or ``'segmentation'``), release the process group,
+    and return the exit status (:func:`scalablevit.errors.run_main`)."""
     module, name = _MM_COMMANDS[command]
 
     def main():
         check_mm_stack()
         fn = getattr(importlib.import_module(f'scalablevit.mm.{module}'), name)
-        fn(list(argv), task, task_dir)
+        fn(list(argv), task, task_dir)  # its result (a runner, metrics) is dropped here, before the release
 
-    return run_main(main)
+    status = run_main(main)
+    release_process_group()
+    return status

@@ -63,11 +63,12 @@ class StopOnSignal:
         self.received = signal.Signals(signum).name
 
     def requested(self, device: torch.device) -> bool:
-        """Whether any process received a signal; a collective when distributed (``device`` is the backend's)."""
+        """Whether any process received a signal; a collective when distributed (``device`` is the backend's).
+        Every process then holds the same ``received``: the signal one of them got (the higher number of two)."""
         if not (dist.is_available() and dist.is_initialized()):
             return self.received is not None
-        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() > 0 and self.received is None:
-            self.received = 'a signal to another process'
-        return flag.item() > 0
+        number = torch.tensor([float(signal.Signals[self.received]) if self.received else 0.], device=device)
+        dist.all_reduce(number, op=dist.ReduceOp.MAX)
+        if number.item() > 0:
+            self.received = signal.Signals(int(number.item())).name
+        return number.item() > 0

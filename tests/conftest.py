@@ -10,6 +10,8 @@ import torch
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
+CLS_DIR = REPO / 'classification'
+_CLS_MODULES = ('main', 'utils', 'datasets', 'engine', 'samplers', 'predict')  # top-level modules of classification/
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
@@ -68,3 +70,31 @@ def load_script():
         spec.loader.exec_module(module)
         return module
     return load
+
+
+@pytest.fixture
+def cls_dir():
+    """``classification/`` on ``sys.path``; yields an importer of its modules (``cls_dir('predict')``), all of them
+    forgotten again afterwards (its modules are top-level: ``utils``, ``datasets``...)."""
+    saved = {name: sys.modules.pop(name) for name in _CLS_MODULES if name in sys.modules}
+    sys.path.insert(0, str(CLS_DIR))
+    try:
+        yield importlib.import_module
+    finally:
+        sys.path.remove(str(CLS_DIR))
+        for name in _CLS_MODULES:
+            sys.modules.pop(name, None)
+        sys.modules.update(saved)
+
+
+@pytest.fixture
+def cls(cls_dir):
+    """``classification/main.py`` imported in-process, on one thread (tiny models: more threads only contend)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield cls_dir('main')
+    finally:
+        torch.set_num_threads(threads)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

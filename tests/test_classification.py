@@ -4,12 +4,12 @@ CPU only, tiny models (16x16 DIGITS, two stages of 16/32 channels). The training
 ``classification/`` and import each other as top-level modules (DeiT layout), so in-process tests load them through
 the ``cls`` fixture, which restores ``sys.path`` and ``sys.modules`` afterwards.
 """
-import importlib
 import json
 import logging
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,8 +20,7 @@ import torch
 
 from scalablevit.errors import UserError
 
-REPO = Path(__file__).resolve().parents[1]
-CLS_DIR = REPO / 'classification'
+from conftest import CLS_DIR, REPO  # noqa: F401
 
 TINY = ['--model', 'scalable_vit_small', '--model-kwargs', 'embed_dims=(16,32)', 'num_heads=(1,2)', 'depths=(2,2)',
         'sr_ratios=(2,1)', 'c_ratios=(1,1)', 'wss=(4,2)', 'mlp_ratios=(2,2)', 'mlp_head=False']
@@ -41,28 +40,6 @@ RELEASED_COMMANDS = [
     'main.py --eval --resume ./scalable_vit_large/checkpoint_best.pth  --model scalable_vit_large '
     '--data-path path_to_imagenet',
 ]
-_MODULES = ('main', 'utils', 'datasets', 'engine', 'samplers')
-
-
-@pytest.fixture
-def cls():
-    """``classification/main.py`` imported in-process (its siblings are top-level modules)."""
-    saved = {name: sys.modules.pop(name) for name in _MODULES if name in sys.modules}
-    sys.path.insert(0, str(CLS_DIR))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: more threads only contend
-    try:
-        yield importlib.import_module('main')
-    finally:
-        torch.set_num_threads(threads)
-        sys.path.remove(str(CLS_DIR))
-        for name in _MODULES:
-            sys.modules.pop(name, None)
-        sys.modules.update(saved)
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-
 def parse(cls, argv):
     import argparse
     return argparse.ArgumentParser(parents=[cls.get_args_parser()]).parse_args([str(a) for a in argv])
@@ -104,6 +81,7 @@ RELEASED_DEFAULTS = dict(
     # ours, none of which changes what is trained by default
     output_dir=None, eval_crop_ratio=0.875, grad_accum_steps=1, checkpoint_hist=0, tensorboard=False, amp=None,
     amp_dtype=None, unscale_lr=False, model_ema_force_cpu=False, grad_checkpointing=False, throughput=False,
+    compile=None,
     model='scalable_vit_small', model_kwargs={},
 )
 
@@ -155,6 +133,87 @@ def test_digits_end_to_end_and_eval_reproduces(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert f'* Acc@1 {best["test_acc1"]:.3f} Acc@5 {best["test_acc5"]:.3f}' in r.stdout
     assert 'on 360 images' in r.stdout
+
+
+# The README's first run, word for word (classification/README.md, "First run").
+FIRST_RUN = ['--data-set', 'DIGITS', '--model', 'scalable_vit_small', '--model-kwargs', 'embed_dims=32,64,128',
+             'num_heads=1,2,4', 'depths=2,2,2', 'mlp_ratios=2,2,2', 'sr_ratios=4,2,1', 'c_ratios=1,1,1', 'wss=4,4,2',
+             'mlp_head=False', '--input-size', '32', '--batch-size', '64', '--epochs', '8', '--lr', '2e-3',
+             '--unscale-lr', '--warmup-epochs', '0', '--mixup', '0', '--cutmix', '0', '--smoothing', '0',
+             '--drop-path', '0', '--num_workers', '0']
+
+
+@pytest.mark.slow
+def test_compiled_first_run_reaches_the_eager_accuracy_and_writes_plain_checkpoints(tmp_path):
+    """``--compile``: the README's DIGITS run trains and evaluates through torch.compile to the eager run's band
+    (>= 95% top-1), and its checkpoint is the plain state dict: it loads strictly into the eager model and
+    predict.py reads it."""
+    import timm
+
+    import scalablevit  # noqa: F401
+    out = tmp_path / 'digits'
+    env_cache = dict(TORCHINDUCTOR_CACHE_DIR=str(tmp_path / 'inductor'))  # a cold compile, as on a fresh machine
+    r = subprocess.run([sys.executable, 'main.py', *FIRST_RUN, '--compile', '--output_dir', str(out)], cwd=CLS_DIR,
+                       env=dict(os.environ, PYTHONUNBUFFERED='1', **env_cache), capture_output=True, text=True,
+                       timeout=1800)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert '--compile default: the first training and evaluation steps compile the model' in r.stdout
+    best = max(e['test_acc1'] for e in read_log(out / 'log.txt'))
+    assert best >= 95, best
+    ckpt = torch.load(out / 'checkpoint_best.pth', weights_only=True)
+    assert not [k for k in ckpt['model'] if k.startswith(('_orig_mod.', 'module.'))]
+    meta = ckpt['meta']
+    model = timm.create_model(meta['model'], num_classes=meta['num_classes'], **meta['model_kwargs']).eval()
+    model.load_state_dict(ckpt['model'], strict=True)
+    p = subprocess.run([sys.executable, 'predict.py', str(tmp_path), '--checkpoint', str(out / 'checkpoint_best.pth'),
+                        '--quiet'], cwd=CLS_DIR, capture_output=True, text=True, timeout=300)
+    assert 'none of the images' in p.stderr  # the checkpoint loaded; the folder simply holds no image
+
+
+@pytest.mark.slow
+def test_compile_with_ema_accumulation_checkpointing_resume_and_eval(cls, tmp_path):
+    """--compile beside --model-ema, --grad-accum-steps, --grad-checkpointing, a mid-epoch stop and --resume auto,
+    --eval and --throughput: everything that works eager works compiled (tiny model, one compile per mode)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    out = tmp_path / 'run'
+    common = [*TINY, *DIGITS, *NO_MIX, '--epochs', '2', '--compile', '--model-ema', '--model-ema-decay', '0.9',
+              '--grad-accum-steps', '2', '--grad-checkpointing', '--output_dir', out]
+    real = cls.train_one_epoch
+
+    def signal_in_epoch_1(model, *a, **k):  # SIGUSR1 during the second step of epoch 1
+        if a[4] != 1:
+            return real(model, *a, **k)
+        forwards = []
+
+        def hook(module, inputs, output):
+            forwards.append(1)
+            if len(forwards) == 2:
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+        handle = model.register_forward_hook(hook)
+        try:
+            return real(model, *a, **k)
+        finally:
+            handle.remove()
+
+    cls.train_one_epoch = signal_in_epoch_1
+    try:
+        result = cls.main(parse(cls, common))
+    finally:
+        cls.train_one_epoch = real
+    assert result['stopped'] == (1, 2)  # after the optimizer step of the first group of 2 micro-batches
+    result = cls.main(parse(cls, [*common, '--resume', 'auto']))
+    assert result['max_accuracy'] > 30 and 'stopped' not in result
+    ckpt = torch.load(out / 'checkpoint.pth', weights_only=True)
+    assert ckpt['epoch'] == 1 and not [k for k in ckpt['model'] if '_orig_mod' in k]
+    assert not [k for k in ckpt['model_ema'] if '_orig_mod' in k]
+    stats = cls.main(parse(cls, [*TINY, *DIGITS, '--compile', '--eval', '--resume', out / 'checkpoint.pth']))
+    assert stats['count'] == 360
+    stats = cls.main(parse(cls, [*TINY, *DIGITS, '--compile', '--throughput', '--batch-size', '4']))
+    assert stats['images_per_s'] > 0
+    torch._dynamo.reset()
 
 
 @pytest.mark.slow

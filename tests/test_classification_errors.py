@@ -6,7 +6,7 @@ from collections import namedtuple
 
 import pytest
 import torch
-from test_classification import CLS_DIR, DIGITS, NO_MIX, TINY, cls, make_image_folder, run_script  # noqa: F401
+from test_classification import CLS_DIR, DIGITS, NO_MIX, TINY, make_image_folder, run_script  # noqa: F401
 
 TINY_DIGITS = [*TINY, *DIGITS, *NO_MIX]
 

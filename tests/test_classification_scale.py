@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_classification import CLS_DIR, DIGITS, NO_MIX, TINY, cls, parse, read_log  # noqa: F401
+from test_classification import CLS_DIR, DIGITS, NO_MIX, TINY, parse, read_log  # noqa: F401
 
 TINY_MODEL = dict(embed_dims=(16, 32), num_heads=(1, 2), depths=(2, 2), sr_ratios=(2, 1), c_ratios=(1, 1),
                   wss=(4, 2), mlp_ratios=(2, 2), mlp_head=False)

@@ -7,7 +7,6 @@ Guards the released augmentation on today's Pillow: ``rand-m9-mstd0.5-inc1`` dra
 """
 import argparse
 import copy
-import importlib
 import random
 import sys
 from pathlib import Path
@@ -19,25 +18,11 @@ from PIL import Image, ImageOps
 
 REPO = Path(__file__).resolve().parents[1]
 CLS_DIR = REPO / 'classification'
-_MODULES = ('main', 'utils', 'datasets', 'engine', 'samplers')
 
 # (mode, size, format): what ImageNet-like folders hold, converted to RGB by the loader
 IMAGES = [('RGB', (200, 150), 'JPEG'), ('L', (64, 64), 'JPEG'), ('CMYK', (120, 90), 'JPEG'),
           ('RGBA', (40, 300), 'PNG'), ('P', (33, 17), 'PNG'), ('LA', (200, 150), 'PNG'), ('I;16', (48, 48), 'PNG'),
           ('RGB', (13, 7), 'PNG'), ('1', (96, 80), 'PNG')]
-
-
-@pytest.fixture
-def cls():
-    saved = {name: sys.modules.pop(name) for name in _MODULES if name in sys.modules}
-    sys.path.insert(0, str(CLS_DIR))
-    try:
-        yield importlib.import_module('main')
-    finally:
-        sys.path.remove(str(CLS_DIR))
-        for name in _MODULES:
-            sys.modules.pop(name, None)
-        sys.modules.update(saved)
 
 
 def make_images(root: Path):

@@ -6,7 +6,6 @@ Tiny models on CPU. ``classification/`` scripts import each other as top-level m
 in-process tests load them through a fixture that restores ``sys.path`` and ``sys.modules`` afterwards.
 """
 import argparse
-import importlib
 import json
 import os
 import subprocess
@@ -24,7 +23,6 @@ import scalablevit  # noqa: F401  (registers the models)
 
 REPO = Path(__file__).resolve().parents[1]
 CLS_DIR = REPO / 'classification'
-_MODULES = ('main', 'utils', 'datasets', 'engine', 'samplers', 'predict')
 
 TINY_KWARGS = dict(embed_dims=(16, 32), num_heads=(1, 2), depths=(2, 2), sr_ratios=(2, 1), c_ratios=(1, 1),
                    wss=(4, 2), mlp_ratios=(2, 2), mlp_head=False)
@@ -33,20 +31,6 @@ TINY = ['--model', 'scalable_vit_small', '--model-kwargs', 'embed_dims=(16,32)',
 DIGITS = ['--data-set', 'DIGITS', '--input-size', '16', '--batch-size', '64', '--num_workers', '0',
           '--lr', '4e-3', '--unscale-lr', '--warmup-epochs', '0', '--min-lr', '1e-4', '--print-freq', '100',
           '--mixup', '0', '--cutmix', '0', '--smoothing', '0', '--drop-path', '0']
-
-
-@pytest.fixture
-def cls_dir():
-    """``classification/`` on ``sys.path``; yields an importer of its modules, restored afterwards."""
-    saved = {name: sys.modules.pop(name) for name in _MODULES if name in sys.modules}
-    sys.path.insert(0, str(CLS_DIR))
-    try:
-        yield importlib.import_module
-    finally:
-        sys.path.remove(str(CLS_DIR))
-        for name in _MODULES:
-            sys.modules.pop(name, None)
-        sys.modules.update(saved)
 
 
 def run(script, argv, timeout=600):

@@ -54,11 +54,11 @@ def main(argv=None) -> int:
 
     logging.getLogger('torch.distributed.elastic').setLevel(logging.CRITICAL)
     os.environ[LAUNCHER_REPORTS] = '1'  # the workers leave the printing to this process
-    os.environ['TORCHELASTIC_SIGNALS_TO_HANDLE'] = 'SIGINT,SIGHUP,SIGQUIT'  # SIGTERM / SIGUSR1 are ours
     for sig in FORWARDED:
         signal.signal(sig, _forward)
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        torchrun(sys.argv[1:] if argv is None else argv)
+        torchrun(['--signals-to-handle=SIGINT,SIGHUP,SIGQUIT'] + argv)  # SIGTERM / SIGUSR1 stay ours
     except ChildFailedError as e:
         failures = sorted(e.failures.values(), key=lambda f: f.timestamp)
         reported = [f for f in failures if f.exitcode in (EXIT_REPORTED, EXIT_STOPPED) and f.message

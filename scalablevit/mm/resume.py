@@ -27,7 +27,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
-from mmengine.dist import barrier, get_comm_device, is_main_process
+from mmengine.dist import all_gather_object, barrier, get_comm_device, get_rank, get_world_size, is_main_process
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
 from mmengine.registry import HOOKS, LOOPS
@@ -200,8 +200,15 @@ class PreemptionHook(Hook):
 
     # resuming
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
-        meta = checkpoint.get('meta') or {}
-        self._resumed_rng = (meta.get('preemption') or {}).get('rng')
+        states = ((checkpoint.get('meta') or {}).get('preemption') or {}).get('rng')
+        if not states:
+            return
+        if len(states) != get_world_size():
+            print_log(f'PreemptionHook: the checkpoint holds the random states of {len(states)} processes, this run '
+                      f'has {get_world_size()}; the random streams restart from the seed', logger='current',
+                      level=logging.WARNING)
+            return
+        self._resumed_rng = states[get_rank()]
 
     def before_train(self, runner) -> None:
         loop = runner.train_loop
@@ -236,7 +243,7 @@ class PreemptionHook(Hook):
         loop = runner.train_loop
         epoch = runner.epoch  # the epoch being trained (mid-epoch), or the next one (after an epoch's validation)
         name = f'iter_{iters_done}.pth'
-        rng = get_rng_state()
+        rng = all_gather_object(get_rng_state())  # every process's, in rank order: each resumes its own streams
         meta = dict(epoch=epoch, iter=iters_done,
                     preemption=dict(signal=self.stop.received, rng=rng if mid_epoch else None))
         runner.save_checkpoint(runner.work_dir, name, save_optimizer=True, save_param_scheduler=True, meta=meta)

@@ -187,13 +187,6 @@ def _apply_resume(cfg, resume: Optional[str]):
 # ---------------------------------------------------------------------------------------------------------------------
 # The commands
 
-def _close_process_group():
-    """Destroy the default process group, which mmengine makes and leaves (torch asks for it before exit)."""
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def train_main(argv: Optional[List[str]], task, task_dir: str, description: Optional[str] = None):
     """``train.py`` of ``task`` (``'detection'`` / ``'segmentation'`` or its :mod:`~scalablevit.mm.tasks` object);
     returns the runner, or ``None`` after ``--preflight``."""
@@ -221,13 +214,10 @@ def train_main(argv: Optional[List[str]], task, task_dir: str, description: Opti
     _apply_resume(cfg, args.resume)
     if args.preflight:
         return None
-    try:
-        runner = build_runner(cfg)
-        _log_effective_batch(cfg, args)
-        runner.train()
-        return runner
-    finally:
-        _close_process_group()
+    runner = build_runner(cfg)
+    _log_effective_batch(cfg, args)
+    runner.train()
+    return runner
 
 
 def test_main(argv: Optional[List[str]], task, task_dir: str, description: Optional[str] = None):
@@ -268,22 +258,19 @@ def test_main(argv: Optional[List[str]], task, task_dir: str, description: Optio
     if args.tta:
         cfg.model = ConfigDict(**cfg.tta_model, module=cfg.model)
         cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
-    try:
-        runner = build_runner(cfg)
-        if eval_note:
-            print_log(f'--eval {" ".join(args.eval)}: {eval_note}', logger='current')
-        if args.tta and tta_scales:
-            print_log(f'--aug-test: scales {tta_scales} (img_ratios x the test scale), each also flipped',
-                      logger='current')
-        if cfg.get('compile'):  # mmengine compiles train_step only
-            import torch
-            runner.model.test_step = torch.compile(runner.model.test_step, **cfg.compile)
-        task.before_test(runner, args)
-        metrics = runner.test()
-        task.check_metrics(cfg, metrics)
-        return metrics
-    finally:
-        _close_process_group()
+    runner = build_runner(cfg)
+    if eval_note:
+        print_log(f'--eval {" ".join(args.eval)}: {eval_note}', logger='current')
+    if args.tta and tta_scales:
+        print_log(f'--aug-test: scales {tta_scales} (img_ratios x the test scale), each also flipped',
+                  logger='current')
+    if cfg.get('compile'):  # mmengine compiles train_step only
+        import torch
+        runner.model.test_step = torch.compile(runner.model.test_step, **cfg.compile)
+    task.before_test(runner, args)
+    metrics = runner.test()
+    task.check_metrics(cfg, metrics)
+    return metrics
 
 
 def _apply_show_dir(cfg, task, show_dir: str):

@@ -1,0 +1,59 @@
+"""Hooks that the detection / segmentation tests put into a run through ``custom_imports`` (``PYTHONPATH=tests``):
+faults at a chosen iteration, and each rank's weights at the end."""
+import os
+import signal
+from collections import namedtuple
+
+import torch
+from mmengine.dist import get_rank
+from mmengine.hooks import Hook
+from mmengine.registry import HOOKS
+
+
+@HOOKS.register_module()
+class SignalAtIterHook(Hook):
+    """Send ``sig`` to this process right after training iteration ``iteration`` (1-based) on rank ``rank``: the
+    preemption notice as SLURM gives it, at a known place. A resumed run starts after it and never sends it."""
+
+    priority = 'NORMAL'  # before PreemptionHook (LOWEST) in the same iteration
+
+    def __init__(self, iteration: int, rank: int = 0, sig: str = 'SIGTERM', twice: bool = False):
+        self.iteration, self.rank, self.sig, self.twice = iteration, rank, getattr(signal, sig), twice
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        if runner.iter + 1 == self.iteration and get_rank() == self.rank:
+            os.kill(os.getpid(), self.sig)
+
+    def before_save_checkpoint(self, runner, checkpoint):
+        if self.twice and checkpoint['meta'].get('preemption'):  # a second notice while the checkpoint is written
+            os.kill(os.getpid(), self.sig)
+
+
+@HOOKS.register_module()
+class FullDiskAfterEpochHook(Hook):
+    """From epoch ``epoch`` + 1 on, every file grows to at most ``limit`` bytes (writes beyond fail with EFBIG, as on a
+    full disk) and the disk reports ``free`` bytes free."""
+
+    def __init__(self, epoch: int = 1, limit: int = 1 << 20, free: int = 1 << 18):
+        self.epoch, self.limit, self.free = epoch, limit, free
+
+    def before_train_epoch(self, runner):
+        if runner.epoch != self.epoch:
+            return
+        import resource
+        import shutil
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (self.limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+        usage = namedtuple('usage', 'total used free')
+        shutil.disk_usage = lambda path: usage(1 << 30, (1 << 30) - self.free, self.free)
+
+
+@HOOKS.register_module()
+class DumpWeightsHook(Hook):
+    """Each rank's weights at the end of the run, as ``weights_rank<r>.pth`` in the work dir (mmengine's checkpoints
+    come from rank 0 only)."""
+
+    def after_run(self, runner):
+        model = getattr(runner.model, 'module', runner.model)
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()},
+                   os.path.join(runner.work_dir, f'weights_rank{get_rank()}.pth'))
