@@ -1,24 +1,35 @@
-"""One-shot GPU check: correctness, training, throughput and dense-prediction speed on the first GPU we get.
+"""One-shot GPU check: training and inference speed, correctness, the backbone's feature pyramids, and the
+classification and dense-prediction runs, on the first GPU we get.
 
     bash benchmarks/device_check.sh                     # on a CUDA machine; results in $OUT or benchmarks/results/
     bash benchmarks/device_check.sh --dry-run           # every step on CPU with tiny sizes (what CI runs)
-    python benchmarks/device_check.py --out DIR --only correctness throughput
+    python3 benchmarks/device_check.py --out DIR --only correctness throughput
 
 Each step runs in order under one time budget (``--budget-s``, 450 s by default on CUDA, so the whole check ends
-in under 8 minutes on one H100): a step whose estimate no longer fits is skipped and says so. The results go to
-``DIR/device_check.json`` (every step's status, seconds, numbers and the throughput rows) and
+in under 8 minutes on one H200): a step whose estimate no longer fits is skipped and says so, and so is a step that
+needs a package the machine lacks (mmcv with mmdet or mmseg, torchvision), with the import error. The results go
+to ``DIR/device_check.json`` (every step's status, seconds, numbers and the throughput rows) and
 ``DIR/device_check.md`` (a summary with the speed targets); the output of every command is appended to
 ``DIR/device_check.log``. Scratch files (checkpoints, work dirs, data) go to ``--work`` (a temporary folder).
+Every command runs with this interpreter (``sys.executable``).
 
-Steps: ``env``, ``correctness`` (fused vs plain attention vs the released code's outputs in ``tests/data``, fp32,
-bf16, fp16, odd input sizes), ``throughput`` (``throughput.py``: ScalableViT S/B/L fast vs reference and the timm
-peers at batch 64, fp16 and bf16, inference and training step with peak memory), ``cls_train_fp16`` and
-``cls_train_bf16`` (one epoch of DIGITS at 224, about 50 steps of ScalableViT-S under ``torchrun``, NCCL),
-``det_train`` / ``seg_train`` (the tiny mmdet / mmseg configs), ``det_fps`` / ``seg_fps`` (RetinaNet-S at
-1333x800, UperNet-S at 2048x512), ``cls_throughput`` (``main.py --throughput`` of S/B/L) and
-``throughput_compiled`` (S and Swin-T under ``torch.compile``, and ``optimize_for_inference``).
+Steps, in order: ``env``; ``train`` (``throughput.py`` training steps at batch 64, 224 px: ScalableViT-S fast vs
+the released computation (``reference``) vs Swin-T, eager, fp16 and bf16, with peak memory; then S and Swin-T
+under ``torch.compile``, bf16 then fp16, each while the budget still holds it and the next steps' estimates);
+``correctness`` (fused vs plain attention vs the released code's outputs in ``tests/data``, fp32, bf16, fp16, odd
+input sizes); ``throughput`` (inference of S/B/L fast vs reference and the nine timm peers, batch 64, fp16 and
+bf16); ``det_pyramid`` / ``seg_pyramid`` (S's four-stage feature pyramid through timm's ``features_only`` at the
+detection and segmentation input sizes, fp16 and bf16, inference and a training step: what can be measured
+without mmcv); ``cls_train_fp16`` and ``cls_train_bf16`` (one epoch of DIGITS at 224, about 50 steps of
+ScalableViT-S under ``torchrun``, NCCL); ``det_train`` / ``seg_train`` (the tiny mmdet / mmseg configs);
+``det_fps`` / ``seg_fps`` (RetinaNet-S at 1333x800, UperNet-S at 2048x512); ``cls_throughput`` (``main.py
+--throughput`` of S/B/L) and ``throughput_compiled`` (S and Swin-T inference under ``torch.compile``, and
+``optimize_for_inference``).
 """
 import argparse
+import contextlib
+import functools
+import importlib
 import importlib.util
 import json
 import math
@@ -48,6 +59,24 @@ MICRO_ARGS = dict(embed_dims=[32], num_heads=[2], depths=[2], mlp_ratios=[2], ws
                   c_ratios=[1.25], mlp_head=False)
 TOLERANCE = {'fp32': 1e-4, 'fp16': 1e-2, 'bf16': 5e-2}  # max |out - ref| / max |ref| of the logits
 
+OURS = 'scalable_vit_small'
+PEER = 'swin_tiny_patch4_window7_224'  # the peer of the targets; the dry run's is the smallest PVTv2
+DRY_PEER = 'pvt_v2_b0'
+OUR_FORMS = ('fast', 'optimized', 'checkpointed')  # throughput.py's forms of the library model (not the reference)
+# Feature-pyramid inputs (H, W) and batch: RetinaNet's 1333x800 padded to a multiple of 32 as mmdet's data
+# preprocessor feeds it, UperNet's 2048x512 test size; batch 2, the per-GPU batch of both training configs.
+PYRAMID = {'det': ((800, 1344), 2), 'seg': ((512, 2048), 2)}
+
+# Seconds each step needs on one H100/H200: guesses, no GPU session has timed them yet (compiling is the large
+# unknown: a training graph of S or Swin-T takes Inductor a minute or more). ``train`` counts its eager part and one
+# compiled dtype (``train_compiled``: S and Swin-T); each compiled dtype runs only while the budget holds it and
+# the estimates of the RESERVED steps after it.
+ESTIMATE_S = dict(env=2, train=170, train_compiled=130, correctness=30, throughput=90, det_pyramid=20,
+                  seg_pyramid=20, cls_train_fp16=45, cls_train_bf16=45, det_train=50, seg_train=35, det_fps=30,
+                  seg_fps=30, cls_throughput=45, throughput_compiled=200)
+RESERVED = ('correctness', 'throughput', 'det_pyramid', 'seg_pyramid')
+OVERRUN_S = 20  # how far a command may run past the budget before it is stopped
+
 DET_CONFIG = 'configs/retinanet_scalablevit-s_fpn_1x_coco.py'
 SEG_CONFIG = 'configs/scalablevit-s_upernet_8xb2-160k_ade20k-512x512.py'
 DET_TINY = 'configs/tiny/retinanet_scalablevit-tiny_fpn_tiny-coco.py'
@@ -56,6 +85,52 @@ SEG_TINY = 'configs/tiny/scalablevit-tiny_upernet_1xb2-40_tiny-ade-64x64.py'
 
 class StepFailed(Exception):
     """A step's command or check failed; the message is one line."""
+
+
+@functools.lru_cache(maxsize=None)
+def import_error(*modules: str) -> str:
+    """'' if every module imports, else the first failure as one line ('ModuleNotFoundError: No module ...')."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # an installed package can fail in many ways (missing ops, ABI, version checks)
+            msg = (str(e).strip().splitlines() or [''])[0][:200]
+            return f'{type(e).__name__}: {msg}' if msg else type(e).__name__
+    return ''
+
+
+def needs(label: str, *modules: str) -> Callable[[], str]:
+    """A step's skip test: '' if ``modules`` import, else '<label> not importable: <error>'."""
+    def reason() -> str:
+        err = import_error(*modules)
+        return f'{label} not importable: {err}' if err else ''
+    return reason
+
+
+@contextlib.contextmanager
+def no_tf32():
+    """float32 matrix products and convolutions without TF32 inside, the previous settings restored after; through
+    ``fp32_precision`` where torch has it (2.9 and later, whose ``allow_tf32`` flags are deprecated), else
+    ``allow_tf32``."""
+    import torch
+    mods = [torch.backends.cuda.matmul, torch.backends.cudnn]
+    name, value = 'allow_tf32', False
+    if hasattr(torch.backends.cuda.matmul, 'fp32_precision') and hasattr(torch.backends.cudnn, 'conv'):
+        mods, name, value = [torch.backends.cuda.matmul, torch.backends.cudnn.conv], 'fp32_precision', 'ieee'
+    saved = [getattr(m, name) for m in mods]
+    for m in mods:
+        setattr(m, name, value)
+    try:
+        yield
+    finally:
+        for m, v in zip(mods, saved):
+            setattr(m, name, v)
+
+
+@functools.lru_cache(maxsize=None)
+def throughput_module():
+    """``benchmarks/throughput.py`` as a module (its reference path, timing and memory helpers)."""
+    return _load('throughput', REPO / 'benchmarks' / 'throughput.py')
 
 
 class DeviceCheck:
@@ -83,6 +158,11 @@ class DeviceCheck:
     def remaining(self) -> float:
         return self.budget_s - (time.time() - self.t0)
 
+    def reserve(self, steps: Sequence[str] = RESERVED) -> float:
+        """Seconds the not yet run ones of ``steps`` (among those selected) are estimated to need."""
+        done = {s['name'] for s in self.steps}
+        return sum(ESTIMATE_S[n] for n in steps if n not in done and (not self.only or n in self.only))
+
     def sh(self, cmd: List[str], cwd: Path = REPO, timeout: float = 600, env: Optional[Dict] = None) -> str:
         """Run a command, log its output, return stdout + stderr; a non-zero exit is a StepFailed."""
         self.log(f'\n$ (cd {cwd} && {" ".join(cmd)})')
@@ -90,7 +170,7 @@ class DeviceCheck:
         full_env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(REPO), full_env.get('PYTHONPATH')]))
         try:
             # the dry run has no budget (a loaded CI machine is slow); on the GPU a step ends with the budget
-            limit = max(timeout, 900.) if self.dry_run else max(10., min(timeout, self.remaining() + 60))
+            limit = max(timeout, 900.) if self.dry_run else max(10., min(timeout, self.remaining() + OVERRUN_S))
             proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=limit)
         except subprocess.TimeoutExpired as e:
             self.log(_text(e.stdout) + _text(e.stderr))
@@ -102,12 +182,19 @@ class DeviceCheck:
             raise StepFailed(f'exit {proc.returncode}: {last[0][:300]}')
         return text
 
-    def step(self, name: str, estimate_s: float, fn: Callable[[], Dict], dry_run_skip: str = ''):
+    def step(self, name: str, fn: Callable[[], Dict], dry_run_skip: str = '',
+             skip: Optional[Callable[[], str]] = None):
+        """Run step ``name`` unless ``--only`` leaves it out, the dry run skips it (``dry_run_skip``: why),
+        ``skip()`` gives a reason, or its estimate (``ESTIMATE_S``) no longer fits the budget."""
         if self.only and name not in self.only:
             return
         rec = dict(name=name, status='ok', seconds=0., data={}, error=None)
+        estimate_s = ESTIMATE_S[name]
+        reason = skip() if skip else ''
         if self.dry_run and dry_run_skip:
             rec.update(status='skipped', error=f'dry run: {dry_run_skip}')
+        elif reason:
+            rec.update(status='skipped', error=reason)
         elif not self.dry_run and self.remaining() < estimate_s:
             rec.update(status='skipped', error=f'time budget: {self.remaining():.0f} s left, the step needs ~'
                                                f'{estimate_s:.0f} s (run it alone with --only {name})')
@@ -139,8 +226,9 @@ class DeviceCheck:
     def env(self) -> Dict:
         import timm
         import torch
-        info = dict(python=platform.python_version(), torch=torch.__version__, timm=timm.__version__,
-                    cuda=torch.version.cuda, device=self.device, dry_run=self.dry_run, host_cpus=os.cpu_count(),
+        info = dict(python=platform.python_version(), executable=sys.executable, torch=torch.__version__,
+                    timm=timm.__version__, timm_path=str(Path(timm.__file__).parent), cuda=torch.version.cuda,
+                    device=self.device, dry_run=self.dry_run, host_cpus=os.cpu_count(),
                     cpu_capability=torch.backends.cpu.get_cpu_capability())
         if self.device == 'cuda':
             info['gpu'] = torch.cuda.get_device_name(0)
@@ -151,26 +239,55 @@ class DeviceCheck:
                 info['nvidia_smi'] = subprocess.run(
                     ['nvidia-smi', '--query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit',
                      '--format=csv,noheader'], capture_output=True, text=True).stdout.strip()
-        for mod in ('mmengine', 'mmcv', 'mmdet', 'mmseg'):
-            try:
-                info[mod] = __import__(mod).__version__
-            except Exception as e:  # the mm stack is optional for the classification steps
-                info[mod] = f'not importable ({type(e).__name__})'
+        for mod in ('torchvision', 'mmengine', 'mmcv', 'mmdet', 'mmseg'):
+            err = import_error(mod)  # optional: the steps that need one are skipped without it
+            info[mod] = f'not importable ({err})' if err else sys.modules[mod].__version__
         return info
+
+    def train(self) -> Dict:
+        """Training-step rows: S fast and checkpointed vs reference vs the peer, eager, fp16 and bf16; then S and the
+        peer under torch.compile, one throughput.py process per dtype (bf16 first), each while the budget still
+        holds it and the estimates of the RESERVED steps. The dry run: the eager rows in fp32 (compiling training graphs takes
+        minutes on 2 CPU cores; tests/test_benchmarks.py checks the compiled commands against throughput.py)."""
+        if self.dry_run:
+            return dict(runs={'eager': self._throughput_run('train', [OURS, DRY_PEER], ['fast', 'reference', 'timm'],
+                                                            'train', ['fp32'])})
+        dtypes = ['bf16', 'fp16']
+        out = dict(runs={'eager': self._throughput_run('train', [OURS, PEER], ['fast', 'checkpointed', 'reference',
+                                                                            'timm'], 'train', dtypes)})
+        errors = []
+        for dtype in dtypes:
+            name = f'compiled_{dtype}'
+            left = self.remaining() - self.reserve()
+            if left < ESTIMATE_S['train_compiled']:
+                out['runs'][name] = (f'skipped: time budget ({left:.0f} s left after the estimates of '
+                                     f'{", ".join(RESERVED)}; it needs ~{ESTIMATE_S["train_compiled"]} s)')
+                continue
+            try:
+                out['runs'][name] = self._throughput_run(f'train_{name}', [OURS, PEER], ['fast', 'timm'], 'train',
+                                                         [dtype], compile='yes', timeout=left)
+            except StepFailed as e:
+                out['runs'][name] = f'failed: {e}'
+                errors.append(f'{name}: {e}')
+        if errors:
+            out.update(_failed=True, _error='; '.join(errors) + ' (the eager rows are kept)')
+        return out
 
     def correctness(self) -> Dict:
         """Fused vs plain vs the released computation against the released code's logits (tests/data)."""
+        with no_tf32():  # fp32 means fp32 here
+            return self._correctness()
+
+    def _correctness(self) -> Dict:
         import copy
 
         import timm
         import torch
 
         from scalablevit import ScalableViT
-        throughput = _load('throughput', REPO / 'benchmarks' / 'throughput.py')
+        throughput = throughput_module()
         reference = _load('scalablevit_test_reference', REPO / 'tests' / 'reference.py')
         dev = torch.device(self.device)
-        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 here
-        torch.backends.cudnn.allow_tf32 = False
         dtypes = ['fp32', 'bf16'] if self.dry_run else ['fp32', 'bf16', 'fp16']
         amp = {'bf16': torch.bfloat16, 'fp16': torch.float16}
         rows = []
@@ -180,7 +297,7 @@ class DeviceCheck:
                                                  enabled=dtype != 'fp32'):
                 return model(x.to(dev)).float().cpu()
 
-        names = ['tiny'] if self.dry_run else ['tiny', 'scalable_vit_small']
+        names = ['tiny'] if self.dry_run else ['tiny', OURS]
         for name in names:
             data = reference.load_reference(name)
             if name == 'tiny':
@@ -216,26 +333,38 @@ class DeviceCheck:
                                             f'{bad[0]["rel_err"]:.2e} > {bad[0]["tol"]:.0e}')
         return out
 
-    def throughput(self, compiled: bool = False) -> Dict:
-        tag = 'compiled' if compiled else 'eager'
+    def throughput(self) -> Dict:
+        """Inference rows: S/B/L fast vs reference and the nine peers, fp16 and bf16 (dry run: tiny S and the
+        smallest PVTv2, fp32)."""
+        if self.dry_run:
+            return self._throughput_run('infer', [OURS, DRY_PEER], ['fast', 'reference', 'timm'], 'infer', ['fp32'])
+        return self._throughput_run('infer', ['all'], ['fast', 'reference', 'timm'], 'infer', ['fp16', 'bf16'])
+
+    def throughput_compiled(self) -> Dict:
+        """Inference under torch.compile: S fast, optimized and reference and Swin-T, fp16 (dry run: one small
+        compile, optimize_for_inference of a one-stage model at 56 px)."""
+        if self.dry_run:
+            return self._throughput_run('compiled', [OURS], ['optimized'], 'infer', ['fp32'], compile='yes',
+                                        extra=['--model-args', json.dumps(MICRO_ARGS), '--img-size', '56', '--no-mem'])
+        return self._throughput_run('compiled', [OURS, PEER], ['fast', 'optimized', 'reference', 'timm'], 'infer',
+                                    ['fp16'], compile='yes', extra=['--repeats', '5', '--iters', '10', '--no-mem'],
+                                    timeout=420)
+
+    def _throughput_run(self, tag: str, models: List[str], impls: List[str], mode: str, dtypes: List[str],
+                        compile: str = 'no', extra: Sequence[str] = (), timeout: float = 300) -> Dict:
+        """One ``throughput.py`` process (batch 64 on CUDA; batch 1 and the tiny model in the dry run); its rows
+        join ``throughput_rows`` tagged ``run=tag`` and its table the Markdown summary."""
         path = self.work / f'throughput_{tag}.json'
-        cmd = self.python() + [str(REPO / 'benchmarks' / 'throughput.py'), '--json', str(path)]
+        cmd = self.python() + [str(REPO / 'benchmarks' / 'throughput.py'), '--json', str(path), '--models', *models,
+                               '--impl', *impls, '--mode', mode, '--dtype', *dtypes,
+                               '--compile', compile]
         if self.dry_run:
             cmd += ['--device', 'cpu', '--batch', '1', '--warmup', '0', '--repeats', '1', '--iters', '1']
-            if compiled:  # one small compile: optimize_for_inference on a two-stage model, no reference at 56 px
-                cmd += ['--models', 'scalable_vit_small', '--model-args', json.dumps(MICRO_ARGS), '--impl',
-                        'optimized', '--img-size', '56', '--dtype', 'fp32', '--mode', 'infer', '--no-mem']
-            else:  # fp32: CPUs without AVX512-BF16 emulate bf16 very slowly; the smallest PVTv2 as the peer
-                cmd += ['--models', 'scalable_vit_small', 'pvt_v2_b0', '--model-args', json.dumps(TINY_ARGS),
-                        '--dtype', 'fp32', '--mode', 'infer', 'train']
-        elif compiled:
-            cmd += ['--device', 'cuda', '--models', 'scalable_vit_small', 'swin_tiny_patch4_window7_224', '--impl',
-                    'fast', 'optimized', 'reference', 'timm', '--compile', 'yes', '--batch', '64', '--dtype', 'fp16',
-                    '--mode', 'infer', '--warmup', '5', '--repeats', '5', '--iters', '10', '--no-mem']
+            if '--model-args' not in extra:
+                cmd += ['--model-args', json.dumps(TINY_ARGS)]
         else:
-            cmd += ['--device', 'cuda', '--models', 'all', '--batch', '64', '--dtype', 'fp16', 'bf16', '--mode',
-                    'infer', 'train', '--warmup', '3', '--repeats', '3', '--iters', '5']
-        text = self.sh(cmd, timeout=900 if self.dry_run else (420 if compiled else 300))
+            cmd += ['--device', 'cuda', '--batch', '64', '--warmup', '3', '--repeats', '3', '--iters', '5']
+        text = self.sh(cmd + list(extra), timeout=900 if self.dry_run else timeout)
         rows = json.loads(path.read_text())
         for r in rows:
             r.pop('times_s', None)
@@ -245,10 +374,75 @@ class DeviceCheck:
         header = [line for line in lines if line.startswith('device ')]
         table = [line for line in lines if line.startswith('|')]
         summary = [f'- {line}' for line in lines if line.startswith('GEMM limit') or ' vs reference ' in line]
-        self.throughput_tables.append('\n'.join(header + [''] + table + [''] + summary))
+        self.throughput_tables.append(f'### {tag}\n\n' + '\n'.join(header + [''] + table + [''] + summary))
         summary_path = path.with_suffix('.summary.json')
         found = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
         return dict(rows=len(rows), summary=found.get('summary', []), limits=found.get('limits_gflop_per_s', {}))
+
+    def pyramid(self, kind: str) -> Dict:
+        """S's feature pyramid (timm ``features_only``, the four stage maps, random weights) at the detection or
+        segmentation input size: images/s and peak memory of inference and of a training step (forward, the sum
+        of the maps' means as the loss, backward), per autocast dtype. Needs neither mmcv nor mmengine."""
+        import timm
+        import torch
+
+        import scalablevit  # noqa: F401  (registers the models with timm)
+        (h, w), batch = ((64, 96), 2) if self.dry_run else PYRAMID[kind]
+        dev = torch.device(self.device)
+        model = timm.create_model(OURS, features_only=True, out_indices=(0, 1, 2, 3),
+                                  **(TINY_ARGS if self.dry_run else {})).to(dev)
+        x = torch.randn(batch, 3, h, w, device=dev)
+        with torch.no_grad():
+            shapes = [list(f.shape[1:]) for f in model(x)]
+        rows = [dict(dtype=dtype, mode=mode, **self._pyramid_row(model, x, dtype, mode))
+                for dtype in (['fp32'] if self.dry_run else ['bf16', 'fp16']) for mode in ('infer', 'train')]
+        del model, x
+        return dict(model=OURS + (' (tiny)' if self.dry_run else ''), input=f'{batch}x3x{h}x{w}', batch=batch,
+                    maps=shapes, rows=rows)
+
+    def _pyramid_row(self, model, x, dtype: str, mode: str) -> Dict:
+        """Median images/s over repeats of a few steps, and the peak memory of one step."""
+        import gc
+        import statistics
+
+        import torch
+        throughput = throughput_module()
+        amp = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(dtype)
+        model.train(mode == 'train')
+
+        def step():
+            if mode == 'infer':
+                with torch.inference_mode(), torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
+                    model(x)
+                return
+            with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
+                loss = sum(f.float().mean() for f in model(x))
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        warmup, repeats, iters = (1, 1, 1) if self.dry_run else (3, 5, 5)
+        for _ in range(warmup):
+            step()
+        times = []
+        for _ in range(repeats):
+            throughput.sync(x.device)
+            t = time.perf_counter()
+            for _ in range(iters):
+                step()
+            throughput.sync(x.device)
+            times.append((time.perf_counter() - t) / iters)
+        if x.device.type == 'cuda':  # the whole process's high-water mark: this model, its input and one step
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(x.device)
+            step()
+            throughput.sync(x.device)
+            peak = torch.cuda.max_memory_allocated(x.device)
+        else:  # the step's own allocations (the profiler's events)
+            peak = throughput.cpu_peak_bytes(step)
+        s = statistics.median(times)
+        return dict(img_per_s=round(x.shape[0] / s, 2), ms_per_step=round(1e3 * s, 2),
+                    peak_mem_mb=round(peak / 2 ** 20, 1))
 
     def cls_train(self, amp_dtype: str) -> Dict:
         out_dir = self.work / f'cls_{amp_dtype}'
@@ -368,47 +562,88 @@ class DeviceCheck:
                       '| --- | --- | --- | --- | --- | --- | --- | --- |']
             lines += [f'| {r["model"]} | {r["path"]} | {r["dtype"]} | {r["input"]} | {r["against"]} | '
                       f'{r["rel_err"]:.2e} | {r["tol"]:.0e} | {"yes" if r["ok"] else "**no**"} |' for r in corr['rows']]
-        for name in ('cls_train_fp16', 'cls_train_bf16', 'cls_throughput', 'det_train', 'seg_train', 'det_fps',
-                     'seg_fps'):
+        pyramids = [(s['name'], s['data']) for s in self.steps if s['name'].endswith('_pyramid') and s['data']]
+        if pyramids:
+            lines += ['', '## Feature pyramid of the backbone (timm features_only, random weights)', '',
+                      '| step | model | input | dtype | mode | img/s | ms/step | peak MB |',
+                      '| --- | --- | --- | --- | --- | --- | --- | --- |']
+            lines += [f'| {name} | {d["model"]} | {d["input"]} | {r["dtype"]} | {r["mode"]} | {r["img_per_s"]} | '
+                      f'{r["ms_per_step"]} | {r["peak_mem_mb"]} |' for name, d in pyramids for r in d['rows']]
+        for name in ('train', 'cls_train_fp16', 'cls_train_bf16', 'cls_throughput', 'det_train', 'seg_train',
+                     'det_fps', 'seg_fps'):
             s = next((s for s in self.steps if s['name'] == name and s['data']), None)
             if s:
                 lines += ['', f'## {name}', '', '```', json.dumps(s['data'], indent=1, default=str), '```']
+        if self.throughput_tables:
+            lines += ['', '## Throughput (benchmarks/throughput.py)']
         for table in self.throughput_tables:
-            lines += ['', '## Throughput (benchmarks/throughput.py)', '', table]
+            lines += ['', table]
         return '\n'.join(lines) + '\n'
 
     def _targets(self) -> List[str]:
-        rows = [r for r in self.throughput_rows if r['run'] == 'eager']
+        """The speed targets, from the throughput rows: S's training step >= 1.3x the eager reference at <= 0.7x
+        its peak memory (our best form), inference >= 1.5x, and S ahead of the peer at equal batch in bf16."""
+        rows = self.throughput_rows
         if not rows:
-            return ['No throughput rows (step skipped or failed).']
-
-        def get(model, impl, mode, dtype='fp16'):
-            return next((r for r in rows if r['model'] == model and r['impl'] == impl and r['mode'] == mode
-                         and r['dtype'] == dtype), None)
-
+            return ['No throughput rows (steps skipped or failed).']
         out = []
-        s = 'scalable_vit_small'
         for dtype in ('fp16', 'bf16', 'fp32'):
-            fi, ri = get(s, 'fast', 'infer', dtype), get(s, 'reference', 'infer', dtype)
-            ft, rt = get(s, 'fast', 'train', dtype), get(s, 'reference', 'train', dtype)
-            if fi and ri:
-                x = fi['img_per_s'] / ri['img_per_s']
-                out.append(f'- S {dtype} inference vs reference: {x:.2f}x (target >= 1.5x: '
-                           f'{"met" if x >= 1.5 else "missed"})')
-            if ft and rt:
-                x = ft['img_per_s'] / rt['img_per_s']
-                out.append(f'- S {dtype} training step vs reference: {x:.2f}x (target >= 1.3x: '
-                           f'{"met" if x >= 1.3 else "missed"})')
-                if ft.get('peak_mem_mb') and rt.get('peak_mem_mb'):
-                    m = ft['peak_mem_mb'] / rt['peak_mem_mb']
-                    out.append(f'- S {dtype} training peak memory vs reference: {m:.2f}x (target <= 0.7x: '
-                               f'{"met" if m <= 0.7 else "missed"})')
-            sw = get('swin_tiny_patch4_window7_224', 'timm', 'infer', dtype)
-            if fi and sw:
-                out.append(f'- S vs Swin-T, {dtype} inference batch {fi["batch"]}: {fi["img_per_s"]:.0f} vs '
-                           f'{sw["img_per_s"]:.0f} img/s '
-                           f'({"ahead" if fi["img_per_s"] > sw["img_per_s"] else "behind"})')
+            for mode in ('train', 'infer'):
+                out += self._vs_reference(mode, dtype)
+        peer = DRY_PEER if self.dry_run else PEER
+        for mode in ('train', 'infer'):
+            out += self._vs_peer(peer, mode, 'fp32' if self.dry_run else 'bf16')
         return out or ['No ScalableViT-S fast/reference pairs among the rows.']
+
+    def _rows(self, model: str, impls: Sequence[str], mode: str, dtype: str, compiled: Optional[bool] = None,
+              like: Optional[Dict] = None) -> List[Dict]:
+        """The throughput rows of ``model`` in ``impls``, ``mode``, ``dtype`` (and ``compiled``); with ``like``, only
+        those at its batch and image size."""
+        return [r for r in self.throughput_rows if r['model'] == model and r['impl'] in impls and r['mode'] == mode
+                and r['dtype'] == dtype and (compiled is None or r['compiled'] == compiled)
+                and (like is None or (r['batch'], r.get('img_size')) == (like['batch'], like.get('img_size')))]
+
+    def _vs_reference(self, mode: str, dtype: str) -> List[str]:
+        """One line per form of ours (eager, compiled, optimized) against the eager reference, and the verdict."""
+        ref = next(iter(self._rows(OURS, ['reference'], mode, dtype, compiled=False)), None)
+        ours = self._rows(OURS, OUR_FORMS, mode, dtype, like=ref) if ref else []
+        if not ours:
+            return []
+        forms, met = [], []
+        for r in sorted(ours, key=lambda r: (r['impl'], r['compiled'])):
+            form = _form(r)
+            x = r['img_per_s'] / ref['img_per_s']
+            m = r['peak_mem_mb'] / ref['peak_mem_mb'] if r.get('peak_mem_mb') and ref.get('peak_mem_mb') else None
+            forms.append(f'{form} {x:.2f}x' + ('' if m is None else f' at {m:.2f}x the peak memory'))
+            if x >= (1.3 if mode == 'train' else 1.5) and (mode == 'infer' or (m is not None and m <= 0.7)):
+                met.append(form)
+        target = '>= 1.3x at <= 0.7x the peak memory' if mode == 'train' else '>= 1.5x'
+        what = 'training step' if mode == 'train' else 'inference'
+        verdict = f'met ({", ".join(met)})' if met else 'missed'
+        return [f'- S {dtype} {what}, batch {ref["batch"]}, vs the eager reference: {"; ".join(forms)} '
+                f'(target {target}: {verdict})']
+
+    def _vs_peer(self, peer: str, mode: str, dtype: str) -> List[str]:
+        """S against the peer at equal batch, eager against eager and compiled against compiled."""
+        out = []
+        for compiled in (False, True):
+            for p in self._rows(peer, ['timm'], mode, dtype, compiled=compiled):
+                s = next(iter(self._rows(OURS, ['fast'], mode, dtype, compiled=compiled, like=p)), None)
+                if s:
+                    ahead = 'ahead' if s['img_per_s'] > p['img_per_s'] else 'behind'
+                    out.append(f'- S vs {peer}, {dtype} {"training step" if mode == "train" else "inference"} '
+                               f'{"compiled" if compiled else "eager"}, batch {p["batch"]}: {s["img_per_s"]:.1f} vs '
+                               f'{p["img_per_s"]:.1f} img/s ({ahead})')
+        return out
+
+
+def _form(row: Dict) -> str:
+    """How a row of ours ran: eager, compiled, optimized, checkpointed, checkpointed compiled."""
+    if row['impl'] == 'optimized':
+        return 'optimized'
+    if row['impl'] == 'checkpointed':
+        return 'checkpointed compiled' if row['compiled'] else 'checkpointed'
+    return 'compiled' if row['compiled'] else 'eager'
 
 
 def _text(x) -> str:
@@ -503,20 +738,25 @@ def main(argv: Optional[Sequence[str]] = None):
     work = Path(args.work or tmp)
     check = DeviceCheck(out, work, args.dry_run, device, args.budget_s, args.only)
     print(f'[device_check] {"dry run on CPU" if args.dry_run else "CUDA"}; results in {out}', flush=True)
+    no_det, no_seg = needs('mmcv/mmdet', 'mmcv.ops', 'mmdet'), needs('mmcv/mmseg', 'mmcv.ops', 'mmseg')
+    no_torchvision = needs('torchvision', 'torchvision')
     try:
         # most important first: what is left when the budget runs out is what a later run can do with --only
-        check.step('env', 1, check.env)
-        check.step('correctness', 30, check.correctness)
-        check.step('throughput', 150, check.throughput)
-        check.step('cls_train_fp16', 45, lambda: check.cls_train('float16'))
-        check.step('cls_train_bf16', 45, lambda: check.cls_train('bfloat16'),
+        check.step('env', check.env)
+        check.step('train', check.train)
+        check.step('correctness', check.correctness)
+        check.step('throughput', check.throughput)
+        check.step('det_pyramid', lambda: check.pyramid('det'))
+        check.step('seg_pyramid', lambda: check.pyramid('seg'))
+        check.step('cls_train_fp16', lambda: check.cls_train('float16'), skip=no_torchvision)
+        check.step('cls_train_bf16', lambda: check.cls_train('bfloat16'), skip=no_torchvision,
                    dry_run_skip='on CPU both training steps run in fp32, so this would repeat cls_train_fp16')
-        check.step('det_train', 50, lambda: check.mm_train('det'))
-        check.step('seg_train', 35, lambda: check.mm_train('seg'))
-        check.step('det_fps', 30, lambda: check.mm_fps('det'))
-        check.step('seg_fps', 30, lambda: check.mm_fps('seg'))
-        check.step('cls_throughput', 45, check.cls_throughput)
-        check.step('throughput_compiled', 200, lambda: check.throughput(compiled=True))
+        check.step('det_train', lambda: check.mm_train('det'), skip=no_det)
+        check.step('seg_train', lambda: check.mm_train('seg'), skip=no_seg)
+        check.step('det_fps', lambda: check.mm_fps('det'), skip=no_det)
+        check.step('seg_fps', lambda: check.mm_fps('seg'), skip=no_seg)
+        check.step('cls_throughput', check.cls_throughput, skip=no_torchvision)
+        check.step('throughput_compiled', check.throughput_compiled)
     finally:
         check.write()
         if tmp:

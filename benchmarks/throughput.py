@@ -9,7 +9,13 @@ forms in the same run:
   implementation's forward passes as written there (explicit attention matrices, its reshapes and copies); it is
   checked equal to ``fast`` before anything is timed;
 * ``optimized`` (inference only): ``scalablevit.optimize_for_inference(model)``, the fast model compiled by Inductor
-  with weight freezing.
+  with weight freezing;
+* ``checkpointed`` (training only): the fast model with gradient checkpointing (``set_grad_checkpointing``), which
+  trades a second forward pass of every block for the memory of its activations.
+
+A training step is forward, cross-entropy, backward and an AdamW step. Our forms step with the fused AdamW
+(``torch.optim.AdamW(fused=True)``, one kernel for all parameters) where torch has it for the device; the reference
+row steps with the default AdamW, as the released training code did (a loop over the parameters on CPU).
 
 The machine's limit is measured in the same run: the best rate of a large ``torch.mm`` in each dtype with the same
 threads. Every row shows its achieved FLOP rate (img/s x FLOPs per image, ``scalablevit.info``'s count, x3 for a
@@ -59,6 +65,7 @@ PEERS = {
 }
 ALL_MODELS = [m for ours, peers in PEERS.items() for m in [ours] + peers]
 DTYPES = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+OURS = ('fast', 'optimized', 'checkpointed')  # the forms of the library's model (the reference is the released code)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -173,12 +180,15 @@ class Row:
             # the bf16 graph ran at 16 img/s against 40 (ScalableViT-S, batch 8, 2 threads, AMX)
             self.fn = optimize_for_inference(self.model, dtype=DTYPES[dtype], check=False)
         else:
-            self.fn = torch.compile(self.model) if compiled else self.model
+            # static shapes: each row compiles once for its one shape (a dynamic-shape recompile is much slower)
+            self.fn = torch.compile(self.model, dynamic=False) if compiled else self.model
         self.x = torch.randn(batch, 3, img_size, img_size, device=device)
         self.y = torch.randint(0, max(1, getattr(model, 'num_classes', 1000)), (batch,), device=device)
         amp_dtype = DTYPES[dtype]
         self.autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-6) if mode == 'train' else None
+        self.fused_adamw = mode == 'train' and impl != 'reference'
+        self.opt = (torch.optim.AdamW(self.model.parameters(), lr=1e-6, **({'fused': True} if self.fused_adamw else {}))
+                    if mode == 'train' else None)
 
     def step(self):
         if self.mode == 'infer':
@@ -203,10 +213,11 @@ class Row:
         """Peak memory of one step above what was allocated before it (CUDA: allocator stats; CPU: profiler)."""
         if self.device.type == 'cuda':
             sync(self.device)
+            before = torch.cuda.memory_allocated(self.device)  # every row's weights and optimizer state
             torch.cuda.reset_peak_memory_stats(self.device)
             self.step()
             sync(self.device)
-            self.peak_mem_mb = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
+            self.peak_mem_mb = (torch.cuda.max_memory_allocated(self.device) - before) / 2 ** 20
         else:
             self.peak_mem_mb = cpu_peak_bytes(self.step) / 2 ** 20
 
@@ -262,6 +273,7 @@ class Row:
         return dict(
             model=self.name, impl=self.impl, device=self.device.type, dtype=self.dtype, batch=self.batch,
             mode=self.mode, compiled=self.compiled, img_per_s=round(self.img_per_s, 3),
+            optimizer=None if self.opt is None else ('AdamW fused' if self.fused_adamw else 'AdamW'),
             ms_per_step=round(1e3 * self.step_s, 3), stat=self.stat,
             peak_mem_mb=None if self.peak_mem_mb is None else round(self.peak_mem_mb, 1),
             gflops_per_img=None if not self.flops_per_img else round(self.flops_per_img / 1e9, 4),
@@ -382,6 +394,10 @@ def build_models(name: str, impls: List[str], img_size: int,
         out.append(('fast', model))
     if 'optimized' in impls:
         out.append(('optimized', copy.deepcopy(model)))  # optimize_for_inference turns off its gradients
+    if 'checkpointed' in impls:
+        ckpt = copy.deepcopy(model)
+        ckpt.set_grad_checkpointing(True)
+        out.append(('checkpointed', ckpt))
     if 'reference' in impls:
         ref = make_reference(model)
         check_reference(model, ref, img_size)
@@ -407,8 +423,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--models', nargs='+', default=None,
                         help='model names, or "all" (default: scalable_vit_small and its peers on CPU, all on CUDA)')
     parser.add_argument('--impl', nargs='+', default=['fast', 'reference', 'timm'],
-                        choices=['fast', 'optimized', 'reference', 'timm'],
-                        help='forms to measure (optimized: optimize_for_inference, inference rows only)')
+                        choices=['fast', 'optimized', 'checkpointed', 'reference', 'timm'],
+                        help='forms to measure (optimized: optimize_for_inference, inference rows only; '
+                             'checkpointed: gradient checkpointing, training rows only)')
     parser.add_argument('--device', default='auto', help='cpu, cuda, cuda:N or auto')
     parser.add_argument('--batch', type=int, nargs='+', default=None,
                         help='batch sizes (default: 8 on CPU, 64 on CUDA); batch 1 rows give the latency')
@@ -466,7 +483,7 @@ def _reference_for(rows: List[Row]) -> Callable[[Row], Optional[Row]]:
 def format_table(rows: List[Row], header: str) -> str:
     ref_of = _reference_for(rows)
     cols = ['model', 'impl', 'mode', 'dtype', 'compiled', 'batch', 'img/s', 'ms/step', 'vs ref', 'GFLOP/s',
-            'of limit', 'peak MB', 'spread']
+            'of limit', 'peak MB', 'mem vs ref', 'spread']
     lines = []
     for r in rows:
         ref = ref_of(r)
@@ -475,9 +492,11 @@ def format_table(rows: List[Row], header: str) -> str:
         lines.append([r.name, r.impl, r.mode, r.dtype, 'freeze' if r.impl == 'optimized' else
                       ('yes' if r.compiled else 'no'), str(r.batch), f'{r.img_per_s:.2f}',
                       f'{1e3 * r.step_s:.1f}',
-                      f'{r.img_per_s / ref.img_per_s:.2f}x' if ref and r.impl in ('fast', 'optimized') else '',
+                      f'{r.img_per_s / ref.img_per_s:.2f}x' if ref and r is not ref else '',
                       '' if rate is None else f'{rate / 1e9:.1f}', '' if frac is None else f'{100 * frac:.0f}%',
-                      '-' if r.peak_mem_mb is None else f'{r.peak_mem_mb:.0f}', f'{100 * spread:.0f}%'])
+                      '-' if r.peak_mem_mb is None else f'{r.peak_mem_mb:.0f}',
+                      f'{r.peak_mem_mb / ref.peak_mem_mb:.2f}x' if ref and r is not ref and r.peak_mem_mb and
+                      ref.peak_mem_mb else '', f'{100 * spread:.0f}%'])
     return header + '\n\n' + _markdown(cols, lines)
 
 
@@ -497,17 +516,19 @@ def summarize(rows: List[Row]) -> List[Dict]:
     ref_of = _reference_for(rows)
     groups: Dict[Tuple, List[Row]] = {}
     for r in rows:
-        if r.impl in ('fast', 'optimized') and ref_of(r) is not None:
+        if r.impl in OURS and ref_of(r) is not None:
             groups.setdefault((r.name, r.mode, r.dtype, r.batch), []).append(r)
     out = []
     for (name, mode, dtype, batch), cands in groups.items():
         best, ref = max(cands, key=lambda r: r.img_per_s), ref_of(cands[0])
         out.append(dict(
             model=name, mode=mode, dtype=dtype, batch=batch, best=best.impl + (' compiled' if best.compiled and
-                                                                              best.impl == 'fast' else ''),
+                                                                              best.impl != 'optimized' else ''),
             fast_img_per_s=round(best.img_per_s, 3), reference_img_per_s=round(ref.img_per_s, 3),
             vs_ref=round(best.img_per_s / ref.img_per_s, 3), fast_ms=round(1e3 * best.step_s, 2),
-            frac_of_limit=None if best.frac_of_limit is None else round(best.frac_of_limit, 4)))
+            frac_of_limit=None if best.frac_of_limit is None else round(best.frac_of_limit, 4),
+            mem_vs_ref=(round(best.peak_mem_mb / ref.peak_mem_mb, 3) if best.peak_mem_mb and ref.peak_mem_mb
+                        else None)))
     return out
 
 
@@ -520,7 +541,8 @@ def format_summary(summary: List[Dict], limits: Dict[str, float]) -> str:
         frac = '' if s['frac_of_limit'] is None else f', {100 * s["frac_of_limit"]:.0f}% of the {s["dtype"]} limit'
         lines.append(f'{s["model"]} {s["mode"]} {s["dtype"]} batch {s["batch"]}: fast (best: {s["best"]}) '
                      f'{s["fast_img_per_s"]:.2f} img/s ({s["fast_ms"]:.1f} ms/step) vs reference '
-                     f'{s["reference_img_per_s"]:.2f} img/s = {s["vs_ref"]:.2f}x{frac}')
+                     f'{s["reference_img_per_s"]:.2f} img/s = {s["vs_ref"]:.2f}x{frac}'
+                     + ('' if s.get('mem_vs_ref') is None else f', peak memory {s["mem_vs_ref"]:.2f}x'))
     return '\n'.join(lines)
 
 
@@ -545,6 +567,8 @@ def main(args: argparse.Namespace) -> List[Dict]:
                       for compiled in compiled_opts for batch in args.batch]
             if impl == 'optimized':  # one inference row per dtype and batch: optimize_for_inference compiles
                 combos = [c for c in combos if c[0] == 'infer' and c[2] == compiled_opts[0]]
+            if impl == 'checkpointed':  # checkpointing only matters with a backward pass
+                combos = [c for c in combos if c[0] == 'train']
             for mode, dtype, compiled, batch in combos:
                 # each row owns its weights: training steps must not change another row's model
                 m = copy.deepcopy(model) if len(combos) > 1 else model

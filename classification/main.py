@@ -46,6 +46,7 @@ from engine import evaluate, throughput, train_one_epoch
 from samplers import RASampler, ShardedEvalSampler
 
 _logger = logging.getLogger('main')
+FUSED_OPTIMIZERS = ('adamw', 'adam')  # timm names of torch optimizers with fused=True on CPU and CUDA
 _started: Optional[str] = None  # 'train' / 'eval' once the loop runs: errors from then on may be one process's own
 
 
@@ -82,6 +83,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--opt', default='adamw', type=str, metavar='OPTIMIZER')
     group.add_argument('--opt-eps', default=1e-8, type=float, metavar='EPSILON')
     group.add_argument('--opt-betas', default=None, type=float, nargs='+', metavar='BETA')
+    group.add_argument('--fused-opt', action='store_true', default=True,
+                       help="torch's fused AdamW / Adam (default; CPU and CUDA): the released update, one kernel "
+                            "for all parameters instead of a loop over them")
+    group.add_argument('--no-fused-opt', action='store_false', dest='fused_opt')
     group.add_argument('--clip-grad', type=float, default=5.0, metavar='NORM',
                        help='clip the gradient norm (released: 5.0; 0 turns it off)')
     group.add_argument('--momentum', type=float, default=0.9, metavar='M', help='SGD momentum')
@@ -395,6 +400,8 @@ def main(args: argparse.Namespace):
     opt_kwargs = dict(eps=args.opt_eps) if args.opt_eps is not None else {}
     if args.opt_betas is not None:
         opt_kwargs['betas'] = tuple(args.opt_betas)
+    if args.fused_opt and args.opt.lower() in FUSED_OPTIMIZERS:
+        opt_kwargs['fused'] = True  # one kernel over all parameters; the same update to float rounding
     optimizer = create_optimizer_v2(model_without_ddp, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
                                     momentum=args.momentum, **opt_kwargs)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)

@@ -4,27 +4,17 @@
     fast = optimize_for_inference(model, example_input=torch.randn(8, 3, 224, 224))
     logits = fast(images)  # same numbers as model.eval()(images), to float32 rounding
 
-What it does: eval mode, gradients off, then ``torch.compile`` with Inductor and weight freezing
-(``torch._inductor.config.freezing``). Freezing treats the weights as constants of the graph, which lets Inductor
-fold them, pre-pack the Linear weights for MKL / oneDNN and the convolution weights for oneDNN on CPU
-(``cpp.weight_prepack``), and fuse bias, GELU, residual adds, LayerNorm and the attention softmax into the kernels
-around the matrix products. The compiled graph is built on the first call for the input shape it sees (a new shape
-compiles again), and every call runs without autograd.
+Eval mode, gradients off, then ``torch.compile`` with Inductor and weight freezing: the weights become constants of
+the graph, so Inductor folds them, pre-packs the Linear and convolution weights for MKL / oneDNN on CPU, and fuses
+bias, GELU, residual adds, LayerNorm and the attention softmax into the kernels around the matrix products. The graph
+is built on the first call for the shape it sees (a new shape compiles again).
 
-Freezing is switched on with the global ``torch._inductor.config.freezing``, patched around every call of the
-compiled model. ``torch.compile(model, options={'freezing': True})`` does *not* freeze (torch 2.14): the option
-reaches Inductor, but Dynamo decides whether the parameters are graph constants from the global config, so they
-stay graph inputs and nothing is folded or pre-packed (measured: 18.5 against 21.2 img/s for ScalableViT-S, batch
-8, 2 CPU threads).
-
-Attention path: compiled on CPU, the plain attention (``q @ k^T``, softmax, ``@ v``) is the faster form: Inductor
-fuses the scale, mask and softmax into one kernel between two batched matrix products, where the fused
-``F.scaled_dot_product_attention`` stays an opaque flash kernel that is slow on IWSA's 49-token windows (measured:
-22.6 against 21.2 img/s). Eager, and on CUDA, the fused kernel is the faster one. ``fused_attn=None`` picks so.
-
-The weights count as constants of the compiled graph: some are folded or pre-packed into new tensors when it is
-compiled, others are read from the model, so a later change of ``model``'s parameters reaches the optimized model
-partly or not at all. Load the weights first, then call ``optimize_for_inference`` (again, after loading others).
+Freezing is the global ``torch._inductor.config.freezing``, patched around every call: ``torch.compile(model,
+options={'freezing': True})`` leaves the parameters graph inputs, because Dynamo reads the global setting. Compiled
+on CPU, the plain attention is the faster form (Inductor fuses scale, mask and softmax between the two products,
+while the fused SDPA kernel stays opaque and is slow on IWSA's 49-token windows); eager, and on CUDA, the fused one
+is. ``fused_attn=None`` picks so. Load the weights first: a later change of ``model``'s parameters reaches the
+optimized model partly or not at all.
 """
 import contextlib
 from typing import Dict, Optional

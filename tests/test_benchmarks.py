@@ -1,9 +1,13 @@
 """benchmarks/: throughput.py (CLI, JSON records, the GEMM limit and FLOP fractions, its reference path being the
-fast path's function), device_check.sh in its CPU dry-run mode, and scalablevit.inference.optimize_for_inference."""
+fast path's function), device_check.sh in its CPU dry-run mode (with and without the OpenMMLab stack and a
+``python`` executable) and its GPU plan, data_pipeline.py, and scalablevit.inference.optimize_for_inference."""
 import importlib.util
 import json
+import os
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -185,34 +189,251 @@ def test_optimize_for_inference_equals_eager_and_freezes(fresh_compile):
         assert torch.equal(fast(x), out)
 
 
+@pytest.fixture
+def device_check(load_script):
+    return load_script('benchmarks/device_check.py')
+
+
 @pytest.mark.slow
-def test_device_check_dry_run(tmp_path):
-    """Every step of benchmarks/device_check.sh on CPU with tiny sizes: no typo costs a GPU minute."""
-    mm = all(importlib.util.find_spec(m) is not None for m in ('mmdet', 'mmseg'))
-    cmd = ['bash', str(REPO / 'benchmarks' / 'device_check.sh'), '--dry-run', '--out', str(tmp_path / 'out')]
-    if not mm:  # the mm stack is part of CI's install; without it only the classification steps can run
-        cmd += ['--only', 'env', 'correctness', 'throughput', 'cls_train_fp16', 'cls_train_bf16', 'cls_throughput',
-                'throughput_compiled']
+def test_device_check_dry_run_mm_steps(tmp_path):
+    """The OpenMMLab steps of benchmarks/device_check.sh on CPU with tiny sizes: no typo costs a GPU minute. The
+    other steps run in test_device_check_dry_run_without_mm_or_python."""
+    if not all(importlib.util.find_spec(m) is not None for m in ('mmdet', 'mmseg')):
+        pytest.skip('the OpenMMLab steps need mmdet and mmseg (part of CI\'s install)')
+    cmd = ['bash', str(REPO / 'benchmarks' / 'device_check.sh'), '--dry-run', '--out', str(tmp_path / 'out'),
+           '--only', 'env', 'det_train', 'seg_train', 'det_fps', 'seg_fps']
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
     result = json.loads((tmp_path / 'out' / 'device_check.json').read_text())
     status = {s['name']: (s['status'], s['error']) for s in result['steps']}
     assert proc.returncode == 0, (status, proc.stdout[-2000:], proc.stderr[-2000:])
-    expected = {'env', 'correctness', 'throughput', 'cls_train_fp16', 'cls_train_bf16', 'cls_throughput',
-                'throughput_compiled'} | ({'det_train', 'seg_train', 'det_fps', 'seg_fps'} if mm else set())
-    assert set(status) == expected, status
+    assert set(status) == {'env', 'det_train', 'seg_train', 'det_fps', 'seg_fps'}, status
+    assert all(s == 'ok' for s, _ in status.values()), status
+    steps = {s['name']: s['data'] for s in result['steps']}
+    assert steps['det_fps']['fp32_fps'] > 0 and steps['seg_fps']['fp32_fps'] > 0
+    assert steps['det_train']['last_train_iter'] == '8/8' and steps['seg_train']['last_train_iter'] == '4/4'
+    assert 'coco/bbox_mAP' in steps['det_train']['metric'] and 'mIoU' in steps['seg_train']['metric']
+
+
+def _probe_wheel(folder: Path) -> Path:
+    """A minimal pure-Python wheel (package ``devcheck_probe``), for device_check.sh's carried-wheel install."""
+    folder.mkdir(parents=True)
+    info = 'devcheck_probe-0.1.dist-info'
+    files = {'devcheck_probe/__init__.py': "VERSION = '0.1'\n",
+             f'{info}/METADATA': 'Metadata-Version: 2.1\nName: devcheck-probe\nVersion: 0.1\n',
+             f'{info}/WHEEL': 'Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n'}
+    files[f'{info}/RECORD'] = ''.join(f'{name},,\n' for name in [*files, f'{info}/RECORD'])
+    path = folder / 'devcheck_probe-0.1-py3-none-any.whl'
+    with zipfile.ZipFile(path, 'w') as z:
+        for name, text in files.items():
+            z.writestr(name, text)
+    return path
+
+
+def _bin_without_python(folder: Path) -> str:
+    """A PATH of one folder: links to every tool of /usr/bin and /bin except ``python*``, and ``python3`` running
+    this interpreter (a wrapper, so that a virtual environment stays active)."""
+    folder.mkdir()
+    for d in ('/usr/bin', '/bin'):
+        for entry in os.scandir(d):
+            if not entry.name.startswith('python') and not os.path.lexists(folder / entry.name):
+                (folder / entry.name).symlink_to(entry.path)
+    wrapper = folder / 'python3'
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    wrapper.chmod(0o755)
+    return str(folder)
+
+
+@pytest.mark.slow
+def test_device_check_dry_run_without_mm_or_python(tmp_path):
+    """The GPU image's situation, rehearsed on CPU: no ``python`` on PATH (only ``python3``), the OpenMMLab
+    packages failing to import, a carried wheel to install. Every step but the mm ones runs; those are skipped
+    with the import error, and the feature-pyramid steps measure the backbone without mmcv."""
+    fake = tmp_path / 'fake'
+    for name in ('mmcv', 'mmengine', 'mmdet', 'mmseg'):
+        (fake / name).mkdir(parents=True)
+        (fake / name / '__init__.py').write_text("raise ImportError('hidden for the test')\n")
+    path = _bin_without_python(tmp_path / 'bin')
+    assert shutil.which('python', path=path) is None and shutil.which('python3', path=path)
+    _probe_wheel(tmp_path / 'wheels')
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHON'}
+    env.update(PATH=path, PYTHONPATH=os.pathsep.join(filter(None, [str(fake), os.environ.get('PYTHONPATH')])),
+               DEVICE_CHECK_WHEELS=str(tmp_path / 'wheels'), DEVICE_CHECK_SITE=str(tmp_path / 'site'))
+    out = tmp_path / 'out'
+    proc = subprocess.run(['bash', str(REPO / 'benchmarks' / 'device_check.sh'), '--dry-run', '--out', str(out)],
+                          env=env, capture_output=True, text=True, timeout=1200, check=False)
+    result = json.loads((out / 'device_check.json').read_text())
+    status = {s['name']: (s['status'], s['error']) for s in result['steps']}
+    assert proc.returncode == 0, (status, proc.stdout[-2000:], proc.stderr[-2000:])
+    assert 'installing 1 wheel(s)' in proc.stdout and (tmp_path / 'site' / 'devcheck_probe' / '__init__.py').is_file()
+    assert list(status) == ['env', 'train', 'correctness', 'throughput', 'det_pyramid', 'seg_pyramid',
+                            'cls_train_fp16', 'cls_train_bf16', 'det_train', 'seg_train', 'det_fps', 'seg_fps',
+                            'cls_throughput', 'throughput_compiled'], status
+    for name in ('det_train', 'det_fps'):
+        assert status.pop(name) == ('skipped', 'mmcv/mmdet not importable: ImportError: hidden for the test')
+    for name in ('seg_train', 'seg_fps'):
+        assert status.pop(name) == ('skipped', 'mmcv/mmseg not importable: ImportError: hidden for the test')
     assert status.pop('cls_train_bf16')[0] == 'skipped'  # the same command as cls_train_fp16 on CPU (both fp32)
     assert all(s == 'ok' for s, _ in status.values()), status
     steps = {s['name']: s['data'] for s in result['steps']}
+    assert steps['env']['executable'] == sys.executable and steps['env']['mmcv'].startswith('not importable')
+    for name in ('det_pyramid', 'seg_pyramid'):
+        d = steps[name]
+        assert len(d['maps']) == 4 and d['input'] == '2x3x64x96'
+        assert {(r['dtype'], r['mode']) for r in d['rows']} == {('fp32', 'infer'), ('fp32', 'train')}
+        assert all(r['img_per_s'] > 0 and r['peak_mem_mb'] > 0 for r in d['rows']), d['rows']
     assert all(r['ok'] for r in steps['correctness']['rows'])
     assert {r['path'] for r in steps['correctness']['rows']} == {'fused', 'plain', 'released'}
     assert steps['cls_train_fp16']['steps'] >= 5 and steps['cls_train_fp16']['train_loss'] > 0
     assert steps['cls_throughput']['scalable_vit_small']['img_per_s'] > 0
-    impls = {(r['run'], r['impl'], r['mode']) for r in result['throughput_rows']}
-    assert {('eager', 'fast', 'train'), ('eager', 'reference', 'infer'), ('eager', 'timm', 'infer'),
-            ('compiled', 'optimized', 'infer')} <= impls
-    if mm:
-        assert steps['det_fps']['fp32_fps'] > 0 and steps['seg_fps']['fp32_fps'] > 0
-        assert steps['det_train']['last_train_iter'] == '8/8' and steps['seg_train']['last_train_iter'] == '4/4'
-        assert 'coco/bbox_mAP' in steps['det_train']['metric'] and 'mIoU' in steps['seg_train']['metric']
-    md = (tmp_path / 'out' / 'device_check.md').read_text()
-    assert '## Targets' in md and 'S fp32 inference vs reference' in md
+    rows = result['throughput_rows']
+    assert rows[0]['run'] == 'train'  # the training rows come first
+    impls = {(r['run'], r['impl'], r['mode']) for r in rows}
+    assert {('train', 'fast', 'train'), ('train', 'reference', 'train'), ('train', 'timm', 'train'),
+            ('infer', 'reference', 'infer'), ('infer', 'timm', 'infer'), ('compiled', 'optimized', 'infer')} <= impls
+    assert all(r['peak_mem_mb'] > 0 for r in rows if r['run'] == 'train')
+    md = (out / 'device_check.md').read_text()
+    assert '## Targets' in md and '- S fp32 training step, batch 1, vs the eager reference: eager ' in md
+    assert '- S fp32 inference, batch 1, vs the eager reference: eager ' in md
+    assert '| det_pyramid | scalable_vit_small (tiny) | 2x3x64x96 | fp32 | train |' in md
+
+
+class _FakeShell:
+    """Stands in for ``DeviceCheck.sh`` in the GPU-plan tests: throughput.py's own parser must take each command;
+    records it, writes an empty row list where it asks; a command that ``fail(args)`` picks raises StepFailed."""
+
+    def __init__(self, throughput, step_failed, fail=None):
+        self.parser, self.step_failed, self.fail, self.calls = throughput.get_args_parser(), step_failed, fail, []
+
+    def __call__(self, cmd, cwd=None, timeout=600, env=None):
+        assert cmd[0] == sys.executable and cmd[1].endswith('throughput.py'), cmd
+        args = self.parser.parse_args(cmd[2:])
+        self.calls.append(dict(args=args, timeout=timeout))
+        if self.fail and self.fail(args):
+            raise self.step_failed('timed out after 99 s: throughput.py ...')
+        Path(args.json).write_text('[]')
+        return ''
+
+
+def _gpu_check(device_check, throughput, tmp_path, remaining=(), fail=None):
+    """A DeviceCheck as on a GPU, with the shell faked and ``remaining()`` returning ``remaining`` in turn."""
+    check = device_check.DeviceCheck(tmp_path / 'out', tmp_path / 'work', dry_run=False, device='cuda',
+                                     budget_s=450., only=None)
+    check.sh = _FakeShell(throughput, device_check.StepFailed, fail)
+    clock = iter(remaining)
+    check.remaining = lambda: next(clock)
+    return check
+
+
+def test_device_check_gpu_train_plan(device_check, throughput, tmp_path):
+    """``train`` on a GPU: the eager rows (S fast, reference, Swin-T; bf16 and fp16; batch 64), then one compiled
+    process per dtype, bf16 first, each bounded by what the budget leaves after the reserved steps' estimates."""
+    reserve = sum(device_check.ESTIMATE_S[n] for n in device_check.RESERVED)
+    check = _gpu_check(device_check, throughput, tmp_path, remaining=[reserve + 240, reserve + 140])
+    out = check.train()
+    eager, *compiled = [c['args'] for c in check.sh.calls]
+    assert eager.models == [device_check.OURS, device_check.PEER] and eager.impl == ['fast', 'reference', 'timm']
+    assert (eager.mode, eager.dtype, eager.compile, eager.batch, eager.device) == (
+        ['train'], ['bf16', 'fp16'], 'no', [64], 'cuda')
+    assert not eager.no_mem and eager.img_size == 224
+    assert [(a.dtype, a.compile, a.impl, a.mode) for a in compiled] == [
+        (['bf16'], 'yes', ['fast', 'timm'], ['train']), (['fp16'], 'yes', ['fast', 'timm'], ['train'])]
+    assert [c['timeout'] for c in check.sh.calls[1:]] == [240, 140]
+    assert set(out['runs']) == {'eager', 'compiled_bf16', 'compiled_fp16'} and '_failed' not in out
+
+    check = _gpu_check(device_check, throughput, tmp_path, remaining=[reserve + 240, reserve + 90])
+    out = check.train()
+    assert len(check.sh.calls) == 2 and out['runs']['compiled_fp16'].startswith('skipped: time budget (90 s left')
+
+    check = _gpu_check(device_check, throughput, tmp_path, remaining=[reserve + 240, reserve + 140],
+                       fail=lambda a: a.compile == 'yes' and a.dtype == ['bf16'])
+    out = check.train()
+    assert len(check.sh.calls) == 3 and out['runs']['compiled_bf16'].startswith('failed: timed out')
+    assert out['_failed'] and out['_error'].startswith('compiled_bf16: timed out') and 'eager rows are kept' in \
+        out['_error']
+
+
+def test_device_check_gpu_inference_commands(device_check, throughput, tmp_path):
+    check = _gpu_check(device_check, throughput, tmp_path)
+    check.throughput()
+    check.throughput_compiled()
+    infer, compiled = [c['args'] for c in check.sh.calls]
+    assert (infer.models, infer.mode, infer.dtype, infer.compile, infer.batch) == (
+        ['all'], ['infer'], ['fp16', 'bf16'], 'no', [64])
+    assert compiled.compile == 'yes' and 'optimized' in compiled.impl and compiled.no_mem
+    assert (compiled.repeats, compiled.iters) == (5, 10)  # the later flags win
+
+
+def test_device_check_targets(device_check, tmp_path):
+    """The summary's verdicts: training >= 1.3x the eager reference at <= 0.7x its peak memory with our best form,
+    inference >= 1.5x, S against Swin-T at equal batch in bf16, eager with eager and compiled with compiled."""
+    check = device_check.DeviceCheck(tmp_path / 'out', tmp_path / 'work', dry_run=False, device='cuda',
+                                     budget_s=450., only=None)
+    s, t = device_check.OURS, device_check.PEER
+
+    def row(model, impl, mode, dtype, compiled, img_per_s, mem=None):
+        return dict(model=model, impl=impl, mode=mode, dtype=dtype, compiled=compiled, batch=64, img_size=224,
+                    img_per_s=img_per_s, peak_mem_mb=mem)
+
+    check.throughput_rows = [
+        row(s, 'reference', 'train', 'bf16', False, 100, 1000), row(s, 'fast', 'train', 'bf16', False, 120, 800),
+        row(s, 'fast', 'train', 'bf16', True, 140, 650), row(s, 'checkpointed', 'train', 'bf16', False, 110, 500),
+        row(t, 'timm', 'train', 'bf16', False, 110, 900),
+        row(t, 'timm', 'train', 'bf16', True, 150, 700), row(s, 'reference', 'train', 'fp16', False, 100, 1000),
+        row(s, 'fast', 'train', 'fp16', False, 140, 900), row(s, 'reference', 'infer', 'bf16', False, 100),
+        row(s, 'fast', 'infer', 'bf16', False, 160), row(t, 'timm', 'infer', 'bf16', False, 170)]
+    target = '(target >= 1.3x at <= 0.7x the peak memory'
+    assert check._targets() == [
+        f'- S fp16 training step, batch 64, vs the eager reference: eager 1.40x at 0.90x the peak memory {target}: '
+        'missed)',
+        '- S bf16 training step, batch 64, vs the eager reference: checkpointed 1.10x at 0.50x the peak memory; '
+        f'eager 1.20x at 0.80x the peak memory; compiled 1.40x at 0.65x the peak memory {target}: met (compiled))',
+        '- S bf16 inference, batch 64, vs the eager reference: eager 1.60x (target >= 1.5x: met (eager))',
+        f'- S vs {t}, bf16 training step eager, batch 64: 120.0 vs 110.0 img/s (ahead)',
+        f'- S vs {t}, bf16 training step compiled, batch 64: 140.0 vs 150.0 img/s (behind)',
+        f'- S vs {t}, bf16 inference eager, batch 64: 160.0 vs 170.0 img/s (behind)']
+
+
+def test_device_check_skip_reason(device_check):
+    assert device_check.needs('json', 'json')() == ''
+    assert device_check.needs('mmfoo', 'json', 'no_such_module_xyz')() == (
+        "mmfoo not importable: ModuleNotFoundError: No module named 'no_such_module_xyz'")
+
+
+def test_device_check_no_tf32(device_check):
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    before = matmul.fp32_precision, conv.fp32_precision
+    with device_check.no_tf32():
+        assert (matmul.fp32_precision, conv.fp32_precision) == ('ieee', 'ieee')
+    assert (matmul.fp32_precision, conv.fp32_precision) == before
+
+
+def test_data_pipeline(tmp_path):
+    """benchmarks/data_pipeline.py with a few images and one repeat: the recipe's transform, the table, the JSON,
+    and the worker counts for a given rate and a throughput.py JSON's training row."""
+    rows = tmp_path / 'rows.json'
+    rows.write_text(json.dumps([
+        dict(model='scalable_vit_small', impl='fast', mode='train', dtype='bf16', compiled=False, batch=64,
+             device='cuda', img_per_s=1000.0),
+        dict(model='scalable_vit_small', impl='fast', mode='infer', dtype='bf16', compiled=False, batch=64,
+             device='cuda', img_per_s=5000.0)]))
+    out = tmp_path / 'pipeline.json'
+    cmd = [sys.executable, str(REPO / 'benchmarks' / 'data_pipeline.py'), '--images', '3', '--repeats', '1',
+           '--model-rate', '500', '--throughput-json', str(rows), '--json', str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for text in ('images/s per core', 'decode %', 'worker cores per GPU', 'libjpeg-turbo', "DeiT's 10 workers"):
+        assert text in proc.stdout, proc.stdout
+    res = json.loads(out.read_text())
+    assert res['torch_threads'] == 1 and res['repeats'] == 1 and res['images']['count'] == 3
+    assert res['other_processes_cores'] is None or res['other_processes_cores'] >= 0
+    assert set(res['images']['sizes']) <= {'500x375', '375x500'} and res['images']['quality'] == 90
+    # DeiT's recipe as main.py's defaults build it (timm drops the colour jitter when RandAugment is on)
+    assert res['transform'] == ['RandomResizedCropAndInterpolation', 'RandomHorizontalFlip', 'RandAugment',
+                                'MaybeToTensor', 'Normalize', 'RandomErasing']
+    assert res['img_per_s_per_core'] > 0 and sum(res['stage_share'].values()) == pytest.approx(1, abs=1e-3)
+    assert all(res['stage_ms'][s] > 0 for s in ('decode', 'geometric', 'augment', 'tensor', 'erasing'))
+    assert res['uint8_tensor_ms'] > 0 and res['prefetcher_img_per_s_per_core'] > 0 and 'GPU prefetcher' in proc.stdout
+    assert [w['img_per_s'] for w in res['workers']] == [500.0, 1000.0]  # the given rate, then the training row
+    for w in res['workers']:
+        assert w['workers_per_gpu'] - 1 < w['img_per_s'] / res['img_per_s_per_core'] <= w['workers_per_gpu'] + 1e-3
+    assert res['deit_10_workers_img_per_s'] == pytest.approx(10 * res['img_per_s_per_core'], rel=1e-3)

@@ -231,3 +231,35 @@ def test_two_nodes_end_with_the_weights_of_one_node_two_processes(tmp_path, free
     init = torch.load(one / 'init_rank0.pth', weights_only=True)
     changed = [k for k, v in ref.items() if v.is_floating_point() and (v - init[k]).abs().max() > 1e-4]
     assert len(changed) > len(ref) // 2  # the two steps trained (equal weights are not just the equal init)
+
+
+@pytest.mark.slow
+def test_compile_trains_and_tests_the_tiny_segmenter(ade, tmp_path):
+    """--compile: backbone and neck compiled in training and testing; both run to their metric and the checkpoint
+    keeps the plain names (it loads strictly into the eager model)."""
+    work = tmp_path / 'work'
+    opts = [f'{k}_dataloader.dataset.data_root={ade}' for k in ('train', 'val', 'test')]
+    out = _run([sys.executable, osp.join(SEG, 'train.py'), TINY_FPN, '--work-dir', str(work), '--compile',
+                '--cfg-options', *opts, 'train_cfg.max_iters=2', 'train_cfg.val_interval=2',
+                'default_hooks.checkpoint.interval=2', 'param_scheduler.0.end=2'], SEG)
+    assert '--compile default: backbone and neck compiled' in out and 'Iter(train) [2/2]' in out and 'mIoU' in out
+    ckpt = torch.load(work / 'iter_2.pth', map_location='cpu', weights_only=True)
+    assert not [k for k in ckpt['state_dict'] if '_orig_mod' in k]
+    out = _run([sys.executable, osp.join(SEG, 'test.py'), TINY_FPN, str(work / 'iter_2.pth'), '--work-dir', str(work),
+                '--compile', '--cfg-options', *opts], SEG)
+    assert 'mIoU' in out
+
+
+@pytest.mark.parametrize('script', ['detection/train.py', 'segmentation/test.py', 'classification/main.py'])
+def test_compile_without_a_cpp_compiler_is_one_line(script, tmp_path):
+    """Inductor compiles C++ on CPU: without a compiler, --compile is refused before anything is built."""
+    folder = osp.join(ROOT, osp.dirname(script))
+    args = {'detection/train.py': [TINY_RETINA], 'segmentation/test.py': [TINY_FPN, 'none.pth'],
+            'classification/main.py': ['--data-set', 'DIGITS', '--epochs', '1']}[script]
+    env = dict(os.environ, PATH=str(tmp_path), CXX='')  # no g++, clang++ or c++ to be found
+    r = subprocess.run([sys.executable, osp.basename(script), *args, '--compile'], cwd=folder, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == ('error: --compile: torch.compile on CPU needs a C++ compiler (g++ '
+                                                 'or clang++; the CXX variable names another); install one (e.g. apt '
+                                                 'install g++) or drop --compile'), r.stderr[-2000:]

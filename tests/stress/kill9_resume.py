@@ -32,7 +32,7 @@ TASKS = {
 }
 
 
-def make_config(task: str, work: str) -> str:
+def make_config(task: str, work: str, length: int) -> str:
     folder = osp.join(REPO, task)
     config, _ = TASKS[task]
     lines = [f'_base_ = {osp.join(folder, config)!r}', 'val_cfg = None', 'val_dataloader = None',
@@ -44,7 +44,7 @@ def make_config(task: str, work: str) -> str:
         spec.loader.exec_module(module)
         data = module.make_tiny_coco(osp.join(work, 'data'), num_train=8, num_val=1, size=96, seed=0)
         lines += [f"train_dataloader = dict(dataset=dict(data_root={osp.join(data, '')!r}))",
-                  'train_cfg = dict(max_epochs=30, val_interval=1000)',
+                  f'train_cfg = dict(max_epochs={length}, val_interval=100000)',
                   'default_hooks = dict(checkpoint=dict(interval=1, max_keep_ckpts=3), logger=dict(interval=1))']
     else:
         from importlib import util
@@ -53,8 +53,8 @@ def make_config(task: str, work: str) -> str:
         spec.loader.exec_module(module)
         data = module.make_tiny_ade(osp.join(work, 'data'), size=64, num_train=8, num_val=1)
         lines += [f'train_dataloader = dict(dataset=dict(data_root={data!r}))',
-                  'train_cfg = dict(max_iters=300, val_interval=100000)',
-                  'param_scheduler = [dict(type="PolyLR", power=0.9, begin=0, end=300, by_epoch=False)]',
+                  f'train_cfg = dict(max_iters={length * 4}, val_interval=100000)',
+                  f'param_scheduler = [dict(type="PolyLR", power=0.9, begin=0, end={length * 4}, by_epoch=False)]',
                   'default_hooks = dict(checkpoint=dict(interval=5, max_keep_ckpts=3), logger=dict(interval=5))']
     path = osp.join(work, 'stress.py')
     with open(path, 'w') as f:
@@ -81,6 +81,9 @@ def main():
     parser.add_argument('--kills', type=int, default=20)
     parser.add_argument('--task', choices=sorted(TASKS), default='detection')
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--length', type=int, default=400,
+                        help='epochs of 4 iterations (detection) / 4x as many iterations (segmentation): long enough '
+                             'that no round but the last can finish the run')
     parser.add_argument('--min-s', type=float, default=1.0, help='earliest kill after the start')
     parser.add_argument('--max-s', type=float, default=25.0, help='latest kill after the start')
     parser.add_argument('--work', default=None)
@@ -88,7 +91,7 @@ def main():
     rng = random.Random(args.seed)
     root = args.work or tempfile.mkdtemp(prefix='kill9_')
     work = osp.join(root, 'work')
-    config = make_config(args.task, root)
+    config = make_config(args.task, root, args.length)
     cmd = [sys.executable, 'train.py', config, '--work-dir', work, '--resume']
     env = dict(os.environ, PYTHONUNBUFFERED='1')
     failures = 0
@@ -123,9 +126,11 @@ def main():
         if last:
             ok = ok and p.returncode == 0
             what = f'ran to the end: exit status {p.returncode}'
+        elif p.returncode != -signal.SIGKILL:
+            ok = False
+            what = f'ended by itself (status {p.returncode}) before the kill: make --length longer'
         else:
-            what = f'killed after {delay:.1f} s' if p.returncode == -signal.SIGKILL else \
-                f'ended by itself (status {p.returncode}) before the kill'
+            what = f'killed after {delay:.1f} s'
         failures += not ok
         print(f'round {i + 1}: {where}; {what}; newest checkpoint {newest or "none"}{"" if ok else "  <- FAILED"}',
               flush=True)
