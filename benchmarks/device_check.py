@@ -247,8 +247,9 @@ class DeviceCheck:
     def train(self) -> Dict:
         """Training-step rows: S fast and checkpointed vs reference vs the peer, eager, fp16 and bf16; then S and the
         peer under torch.compile, one throughput.py process per dtype (bf16 first), each while the budget still
-        holds it and the estimates of the RESERVED steps. The dry run: the eager rows in fp32 (compiling training graphs takes
-        minutes on 2 CPU cores; tests/test_benchmarks.py checks the compiled commands against throughput.py)."""
+        holds it and the estimates of the RESERVED steps. The dry run: the eager rows in fp32 (compiling training
+        graphs takes minutes on 2 CPU cores; tests/test_benchmarks.py checks the compiled commands against
+        throughput.py)."""
         if self.dry_run:
             return dict(runs={'eager': self._throughput_run('train', [OURS, DRY_PEER], ['fast', 'reference', 'timm'],
                                                             'train', ['fp32'])})

@@ -325,13 +325,15 @@ def _gpu_check(device_check, throughput, tmp_path, remaining=(), fail=None):
 
 
 def test_device_check_gpu_train_plan(device_check, throughput, tmp_path):
-    """``train`` on a GPU: the eager rows (S fast, reference, Swin-T; bf16 and fp16; batch 64), then one compiled
-    process per dtype, bf16 first, each bounded by what the budget leaves after the reserved steps' estimates."""
+    """``train`` on a GPU: the eager rows (S fast, with gradient checkpointing, reference, Swin-T; bf16 and fp16;
+    batch 64), then one compiled process per dtype, bf16 first, each bounded by what the budget leaves after the
+    reserved steps' estimates."""
     reserve = sum(device_check.ESTIMATE_S[n] for n in device_check.RESERVED)
     check = _gpu_check(device_check, throughput, tmp_path, remaining=[reserve + 240, reserve + 140])
     out = check.train()
     eager, *compiled = [c['args'] for c in check.sh.calls]
-    assert eager.models == [device_check.OURS, device_check.PEER] and eager.impl == ['fast', 'reference', 'timm']
+    assert eager.models == [device_check.OURS, device_check.PEER]
+    assert eager.impl == ['fast', 'checkpointed', 'reference', 'timm']
     assert (eager.mode, eager.dtype, eager.compile, eager.batch, eager.device) == (
         ['train'], ['bf16', 'fp16'], 'no', [64], 'cuda')
     assert not eager.no_mem and eager.img_size == 224

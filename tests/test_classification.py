@@ -4,6 +4,7 @@ CPU only, tiny models (16x16 DIGITS, two stages of 16/32 channels). The training
 ``classification/`` and import each other as top-level modules (DeiT layout), so in-process tests load them through
 the ``cls`` fixture, which restores ``sys.path`` and ``sys.modules`` afterwards.
 """
+import contextlib
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from scalablevit.errors import UserError
 
@@ -50,6 +52,35 @@ def run_script(argv, launcher=(), timeout=600):
     env.pop('RANK', None), env.pop('WORLD_SIZE', None)
     cmd = [sys.executable, *launcher, 'main.py', *map(str, argv)]
     return subprocess.run(cmd, cwd=CLS_DIR, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@contextlib.contextmanager
+def signal_during(cls, epoch: int, forward: int, sig=signal.SIGUSR1):
+    """While inside, ``cls.train_one_epoch`` sends ``sig`` to this process during the ``forward``-th forward pass
+    of epoch ``epoch`` (SLURM's notice, at a known step)."""
+    real = cls.train_one_epoch
+
+    def train_one_epoch(model, *a, **k):
+        if a[4] != epoch:  # a[4]: the epoch
+            return real(model, *a, **k)
+        forwards = []
+
+        def hook(module, inputs, output):
+            forwards.append(1)
+            if len(forwards) == forward:
+                os.kill(os.getpid(), sig)
+
+        handle = model.register_forward_hook(hook)
+        try:
+            return real(model, *a, **k)
+        finally:
+            handle.remove()
+
+    cls.train_one_epoch = train_one_epoch
+    try:
+        yield
+    finally:
+        cls.train_one_epoch = real
 
 
 def read_log(path: Path):
@@ -164,9 +195,12 @@ def test_compiled_first_run_reaches_the_eager_accuracy_and_writes_plain_checkpoi
     meta = ckpt['meta']
     model = timm.create_model(meta['model'], num_classes=meta['num_classes'], **meta['model_kwargs']).eval()
     model.load_state_dict(ckpt['model'], strict=True)
-    p = subprocess.run([sys.executable, 'predict.py', str(tmp_path), '--checkpoint', str(out / 'checkpoint_best.pth'),
-                        '--quiet'], cwd=CLS_DIR, capture_output=True, text=True, timeout=300)
-    assert 'none of the images' in p.stderr  # the checkpoint loaded; the folder simply holds no image
+    Image.new('RGB', (16, 16), (255, 255, 255)).save(tmp_path / 'blank.png')
+    p = subprocess.run([sys.executable, 'predict.py', str(tmp_path / 'blank.png'), '--checkpoint',
+                        str(out / 'checkpoint_best.pth')], cwd=CLS_DIR, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    line, = p.stdout.strip().splitlines()  # one image, one line: '<path>: <label> (<prob>)'
+    assert line.startswith(f'{tmp_path / "blank.png"}: ') and line.endswith(')'), line
 
 
 @pytest.mark.slow
@@ -179,29 +213,8 @@ def test_compile_with_ema_accumulation_checkpointing_resume_and_eval(cls, tmp_pa
     out = tmp_path / 'run'
     common = [*TINY, *DIGITS, *NO_MIX, '--epochs', '2', '--compile', '--model-ema', '--model-ema-decay', '0.9',
               '--grad-accum-steps', '2', '--grad-checkpointing', '--output_dir', out]
-    real = cls.train_one_epoch
-
-    def signal_in_epoch_1(model, *a, **k):  # SIGUSR1 during the second step of epoch 1
-        if a[4] != 1:
-            return real(model, *a, **k)
-        forwards = []
-
-        def hook(module, inputs, output):
-            forwards.append(1)
-            if len(forwards) == 2:
-                os.kill(os.getpid(), signal.SIGUSR1)
-
-        handle = model.register_forward_hook(hook)
-        try:
-            return real(model, *a, **k)
-        finally:
-            handle.remove()
-
-    cls.train_one_epoch = signal_in_epoch_1
-    try:
+    with signal_during(cls, epoch=1, forward=2):  # SIGUSR1 in the second step of epoch 1
         result = cls.main(parse(cls, common))
-    finally:
-        cls.train_one_epoch = real
     assert result['stopped'] == (1, 2)  # after the optimizer step of the first group of 2 micro-batches
     result = cls.main(parse(cls, [*common, '--resume', 'auto']))
     assert result['max_accuracy'] > 30 and 'stopped' not in result

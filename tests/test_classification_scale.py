@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_classification import CLS_DIR, DIGITS, NO_MIX, TINY, parse, read_log  # noqa: F401
+from test_classification import CLS_DIR, DIGITS, NO_MIX, TINY, parse, read_log, signal_during  # noqa: F401
 
 TINY_MODEL = dict(embed_dims=(16, 32), num_heads=(1, 2), depths=(2, 2), sr_ratios=(2, 1), c_ratios=(1, 1),
                   wss=(4, 2), mlp_ratios=(2, 2), mlp_head=False)
@@ -176,27 +176,8 @@ def test_signal_stops_after_the_step_and_resumes_exactly(cls, tmp_path, monkeypa
     common = [*FOLDER_ARGS, '--data-path', tmp_path / 'data', '--epochs', '2', '--num_workers', '1']
     full = cls.main(parse(cls, [*common, '--output_dir', tmp_path / 'full']))['model'].state_dict()
 
-    real = cls.train_one_epoch
-
-    def signal_during_third_step_of_epoch_1(model, *a, **k):
-        if a[4] != 1:  # a[4]: the epoch
-            return real(model, *a, **k)
-        forwards = []
-
-        def hook(module, inputs, output):
-            forwards.append(1)
-            if len(forwards) == 3:
-                os.kill(os.getpid(), signal.SIGUSR1)
-
-        handle = model.register_forward_hook(hook)
-        try:
-            return real(model, *a, **k)
-        finally:
-            handle.remove()
-
-    monkeypatch.setattr(cls, 'train_one_epoch', signal_during_third_step_of_epoch_1)
-    result = cls.main(parse(cls, [*common, '--output_dir', tmp_path / 'part']))
-    monkeypatch.setattr(cls, 'train_one_epoch', real)
+    with signal_during(cls, epoch=1, forward=3):
+        result = cls.main(parse(cls, [*common, '--output_dir', tmp_path / 'part']))
     assert result['stopped'] == (1, 3)  # epoch 1, three of its six steps done
     ckpt = torch.load(tmp_path / 'part' / 'checkpoint.pth', weights_only=True)
     assert (ckpt['epoch'], ckpt['resume_step']) == (0, 3)

@@ -126,6 +126,11 @@ class ResumableEpochBasedTrainLoop(_ResumeMixin, EpochBasedTrainLoop):
         self.runner.call_hook('before_train_epoch')  # sets the sampler's epoch
         self.runner.model.train()
         done = self._iter - self._epoch * len(self.dataloader)  # batches of this epoch already trained on
+        if not 0 <= done <= len(self.dataloader):  # another number of processes or batch size than the checkpoint's
+            print_log(f'resuming at iteration {self._iter}, which is not in epoch {self._epoch + 1} of this '
+                      f'dataloader ({len(self.dataloader)} batches): the epoch starts from its first batch',
+                      logger='current', level=logging.WARNING)
+            done = 0
         if done:
             print_log(f'resuming epoch {self._epoch + 1} at batch {done + 1} of {len(self.dataloader)} (the first '
                       f'{done} are skipped in the sampler, not read)', logger='current')
