@@ -44,6 +44,7 @@ from timm.layers import (
 )
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.utils.checkpoint import checkpoint
 
 __all__ = ['ScalableViT', 'ScalableSelfAttention', 'InteractiveWindowAttention', 'Block', 'PatchEmbed', 'PosConv',
@@ -153,6 +154,16 @@ class TokensToMap(nn.Module):
         return x.transpose(1, 2).reshape(B, C, size[0], size[1])  # (B, C, H, W)
 
 
+def _slow_fused_backward(q: torch.Tensor) -> bool:
+    """Whether the attention is being trained in bf16/fp16 on CPU, where the fused kernel's backward is slow
+    (always False while TorchScript or ``torch.fx`` records the model: they keep the fused call)."""
+    if torch.jit.is_scripting():
+        return False
+    if is_fx_symbolic_tracing():
+        return False
+    return q.requires_grad and q.device.type == 'cpu' and (q.dtype == torch.bfloat16 or q.dtype == torch.float16)
+
+
 class _Attention(nn.Module):
     """What SSA and IWSA share: the attention product, fused or plain."""
     fused_attn: torch.jit.Final[bool]
@@ -181,9 +192,12 @@ class _Attention(nn.Module):
         """softmax(q k^T * scale) v over the last two dims; ``mask`` (bool, True = attend) broadcasts over scores.
 
         The fused branch is ``F.scaled_dot_product_attention`` with the explicit scale; the plain branch is the
-        reference (the released computation) and the export path.
+        reference (the released computation) and the export path. Training in bf16/fp16 on CPU takes the plain
+        branch: there the flash kernel's backward is several times slower than the plain products on these many
+        short sequences (IWSA's 49-token windows: 345 against 50 ms, forward and backward, S's first stage at
+        batch 16; ``benchmarks/README.md``, "Training (CPU)").
         """
-        if self.fused_attn:
+        if self.fused_attn and not _slow_fused_backward(q):
             dq, dv = self.qk_head_dim, self.head_dim
             # The CPU flash kernel (and CUDA flash) wants one head width for q, k and v; SSA's values are narrower
             # or wider than its queries. Zero columns keep the fused kernel and the function: padded value columns

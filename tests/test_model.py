@@ -205,6 +205,36 @@ def test_odd_sizes_pyramid_and_fused_equals_plain(size, tiny_args):
     torch.testing.assert_close(logits_fused, logits_plain, rtol=1e-4, atol=1e-5)
 
 
+def test_cpu_low_precision_training_takes_the_plain_attention(tiny_args, monkeypatch):
+    """SDPA in every fp32 step and in bf16 inference; not when bf16 attention is trained on CPU (its flash backward
+    is slow there), where the step still matches the fused fp32 one's gradients within bf16's precision."""
+    import torch.nn.functional as F
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, 'scaled_dot_product_attention', lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    model = ScalableViT(num_classes=5, **tiny_args)
+    x = torch.randn(2, 3, 64, 64)
+    attn_layers = sum(1 for m in model.modules() if hasattr(m, 'attend'))
+
+    def grads(dtype, grad=True):
+        calls.clear()
+        model.zero_grad()
+        with torch.autocast('cpu', dtype=dtype, enabled=dtype != torch.float32), torch.set_grad_enabled(grad):
+            out = model(x)
+        if grad:
+            out.float().sum().backward()
+        return len(calls), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    n32, g32 = grads(torch.float32)
+    n16, g16 = grads(torch.bfloat16)
+    assert n32 == attn_layers and n16 == 0
+    assert grads(torch.bfloat16, grad=False)[0] == attn_layers
+    cos = torch.nn.functional.cosine_similarity(torch.cat([g.flatten() for g in g32]),
+                                                torch.cat([g.flatten() for g in g16]), dim=0)
+    assert cos > 0.99, cos
+
+
 def test_window_padding_is_invisible():
     """A 5x5 map padded into one 7x7 window attends exactly as a 5x5 window would: padding is masked out."""
     torch.manual_seed(0)
