@@ -57,3 +57,16 @@ class DumpWeightsHook(Hook):
         model = getattr(runner.model, 'module', runner.model)
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()},
                    os.path.join(runner.work_dir, f'weights_rank{get_rank()}.pth'))
+
+
+@HOOKS.register_module()
+class SignalInValHook(Hook):
+    """Send ``sig`` to this process before the first iteration of the validation after epoch ``epoch`` (on rank
+    ``rank``): the notice arriving while a validation runs. A resumed run, past that epoch, never sends it."""
+
+    def __init__(self, epoch: int = 1, rank: int = 0, sig: str = 'SIGTERM'):
+        self.epoch, self.rank, self.sig = epoch, rank, getattr(signal, sig)
+
+    def before_val_iter(self, runner, batch_idx, data_batch=None):
+        if runner.epoch == self.epoch and batch_idx == 0 and get_rank() == self.rank:
+            os.kill(os.getpid(), self.sig)

@@ -132,6 +132,41 @@ def test_sigterm_mid_epoch_then_resume_trains_the_same_weights(model, nproc, dat
 
 
 @pytest.mark.slow
+def test_signal_during_validation_stops_after_it_and_resumes_at_the_next_epoch(data, tmp_path):
+    """SIGTERM while the first epoch's validation runs: the validation finishes, the checkpoint is the epoch's end,
+    and --resume trains the second epoch without validating the first again."""
+    det = osp.join(data['det'], '')
+    config = tmp_path / 'val_stop.py'
+    config.write_text('\n'.join([
+        f"_base_ = {osp.join(DET, MODELS['retinanet'][1])!r}",
+        "custom_imports = dict(imports=['scalablevit.mm', 'mm_test_hooks'], allow_failed_imports=False)",
+        "custom_hooks = [dict(type='PreemptionHook'), dict(type='SignalInValHook')]",
+        f"train_dataloader = dict(dataset=dict(data_root={det!r}))",
+        f"val_dataloader = dict(dataset=dict(data_root={det!r}))",
+        "test_dataloader = val_dataloader",
+        f"val_evaluator = dict(ann_file={det + 'annotations/instances_val2017.json'!r}, metric=['bbox'])",
+        "test_evaluator = val_evaluator",
+        "train_cfg = dict(max_epochs=2, val_interval=1)",
+        "default_hooks = dict(checkpoint=dict(interval=100), logger=dict(interval=1))"]) + '\n')
+    work = tmp_path / 'work'
+    rc, out, err = _train('retinanet', str(config), work, 1)
+    assert rc == EXIT_STOPPED, out[-4000:] + err[-4000:]
+    ckpt = osp.join(work, 'iter_4.pth')  # 8 images, 2 a batch: the end of epoch 1
+    assert _stopped_line(err) == (f'stopped by SIGTERM after epoch 1 of 2 and its validation; saved {ckpt}; run '
+                                  'the same command with --resume to continue')
+    assert 'coco/bbox_mAP' in out and 'Epoch(train) [2]' not in out  # the validation ran to its metrics
+    saved = torch.load(ckpt, weights_only=True)
+    assert (saved['meta']['epoch'], saved['meta']['iter']) == (1, 4)
+    assert saved['meta']['preemption']['signal'] == 'SIGTERM'
+
+    rc, out, err = _train('retinanet', str(config), work, 1, '--resume')
+    assert rc == 0, out[-4000:] + err[-4000:]
+    assert 'resumed epoch: 1, iter: 4' in out, out[-4000:]
+    assert 'Epoch(train) [1]' not in out and 'Epoch(val) [1]' not in out  # epoch 1 and its validation: done
+    assert 'Epoch(train) [2]' in out and 'Epoch(val) [2]' in out and 'coco/bbox_mAP' in out
+
+
+@pytest.mark.slow
 def test_sigterm_to_the_launcher_reaches_every_process(data, tmp_path):
     """SIGTERM to ``dist_train.sh`` (tools/torchrun.py): passed on to both processes, which stop after the same
     iteration; one line, exit status 75; ``--resume`` finishes."""
