@@ -134,13 +134,15 @@ def test_sigterm_mid_epoch_then_resume_trains_the_same_weights(model, nproc, dat
 @pytest.mark.slow
 def test_signal_during_validation_stops_after_it_and_resumes_at_the_next_epoch(data, tmp_path):
     """SIGTERM while the first epoch's validation runs: the validation finishes, the checkpoint is the epoch's end,
-    and --resume trains the second epoch without validating the first again."""
+    and --resume trains the second epoch without validating the first again. A signal in the last validation lets
+    the run finish (exit status 0): nothing would be left to resume."""
     det = osp.join(data['det'], '')
     config = tmp_path / 'val_stop.py'
     config.write_text('\n'.join([
         f"_base_ = {osp.join(DET, MODELS['retinanet'][1])!r}",
         "custom_imports = dict(imports=['scalablevit.mm', 'mm_test_hooks'], allow_failed_imports=False)",
-        "custom_hooks = [dict(type='PreemptionHook'), dict(type='SignalInValHook')]",
+        "custom_hooks = [dict(type='PreemptionHook'), dict(type='SignalInValHook', epoch=1), "
+        "dict(type='SignalInValHook', epoch=2)]",
         f"train_dataloader = dict(dataset=dict(data_root={det!r}))",
         f"val_dataloader = dict(dataset=dict(data_root={det!r}))",
         "test_dataloader = val_dataloader",
@@ -164,6 +166,7 @@ def test_signal_during_validation_stops_after_it_and_resumes_at_the_next_epoch(d
     assert 'resumed epoch: 1, iter: 4' in out, out[-4000:]
     assert 'Epoch(train) [1]' not in out and 'Epoch(val) [1]' not in out  # epoch 1 and its validation: done
     assert 'Epoch(train) [2]' in out and 'Epoch(val) [2]' in out and 'coco/bbox_mAP' in out
+    assert 'stopped by' not in err and not osp.exists(osp.join(work, 'iter_8.pth'))  # the last validation's signal
 
 
 @pytest.mark.slow

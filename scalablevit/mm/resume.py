@@ -241,7 +241,8 @@ class PreemptionHook(Hook):
             self._save_and_stop(runner, iters_done=runner.iter + 1, mid_epoch=True)
 
     def after_val_epoch(self, runner, metrics=None) -> None:
-        if self._training and self.stop.requested(get_comm_device()):  # a validation during training
+        # a validation during training; after the last one the run ends in moments with nothing left to resume
+        if self._training and runner.iter < runner.train_loop.max_iters and self.stop.requested(get_comm_device()):
             self._save_and_stop(runner, iters_done=runner.iter, mid_epoch=False)
 
     def _save_and_stop(self, runner, iters_done: int, mid_epoch: bool):
