@@ -64,6 +64,8 @@ def make_config(task: str, work: str, length: int) -> str:
 
 def check_files(work: str) -> str:
     """Every checkpoint loads and the pointer names one that does; returns the newest checkpoint's name or ''."""
+    if not osp.isdir(work):  # killed before the runner made its work dir
+        return ''
     pths = sorted((n for n in os.listdir(work) if n.endswith('.pth')), key=lambda n: osp.getmtime(osp.join(work, n)))
     for name in pths:
         ckpt = torch.load(osp.join(work, name), map_location='cpu', weights_only=True, mmap=True)
@@ -81,9 +83,10 @@ def main():
     parser.add_argument('--kills', type=int, default=20)
     parser.add_argument('--task', choices=sorted(TASKS), default='detection')
     parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--length', type=int, default=400,
+    parser.add_argument('--length', type=int, default=100,
                         help='epochs of 4 iterations (detection) / 4x as many iterations (segmentation): long enough '
-                             'that no round but the last can finish the run')
+                             'that no round but the last can finish the run, short enough that the last one ends in '
+                             'minutes (20 rounds of at most 25 s train about 30 of the 100 epochs)')
     parser.add_argument('--min-s', type=float, default=1.0, help='earliest kill after the start')
     parser.add_argument('--max-s', type=float, default=25.0, help='latest kill after the start')
     parser.add_argument('--work', default=None)
