@@ -11,7 +11,13 @@ forms in the same run:
 * ``optimized`` (inference only): ``scalablevit.optimize_for_inference(model)``, the fast model compiled by Inductor
   with weight freezing;
 * ``checkpointed`` (training only): the fast model with gradient checkpointing (``set_grad_checkpointing``), which
-  trades a second forward pass of every block for the memory of its activations.
+  trades a second forward pass of every block for the memory of its activations;
+* ``onnxruntime``, ``openvino`` (inference, CPU): the same weights exported by ``scalablevit.serving`` (ONNX for ONNX
+  Runtime, OpenVINO IR converted from torch for OpenVINO), checked against eager when exported and again on the
+  row's own input, run by the engine with the same threads. fp32 both; bf16 OpenVINO only (its inference
+  precision; ONNX Runtime has no CPU bf16 kernels for this graph); ``--dtype int8``: OpenVINO only, NNCF
+  post-training quantization calibrated on random inputs (speed only: the accuracy it keeps is measured on real
+  images by ``tools/export.py --int8 --val``).
 
 A training step is forward, cross-entropy, backward and an AdamW step. Our forms step with the fused AdamW
 (``torch.optim.AdamW(fused=True)``, one kernel for all parameters) where torch has it for the device; the reference
@@ -44,6 +50,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -64,8 +71,10 @@ PEERS = {
     'scalable_vit_large': ['swin_base_patch4_window7_224', 'pvt_v2_b4', 'twins_svt_large'],
 }
 ALL_MODELS = [m for ours, peers in PEERS.items() for m in [ours] + peers]
-DTYPES = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+DTYPES = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16, 'int8': None}
 OURS = ('fast', 'optimized', 'checkpointed')  # the forms of the library's model (the reference is the released code)
+ENGINES = ('onnxruntime', 'openvino')  # exported files run by an inference engine (CPU, inference)
+ENGINE_DTYPES = {'onnxruntime': ('fp32',), 'openvino': ('fp32', 'bf16', 'int8')}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -173,7 +182,22 @@ class Row:
         self.peak_mem_mb: Optional[float] = None
         self.model = model.to(device)
         self.model.train(mode == 'train')
-        if impl == 'optimized':
+        self.max_rel_err: Optional[float] = None  # engine rows: their output on self.x against eager's
+        self.x = torch.randn(batch, 3, img_size, img_size, device=device)
+        if impl in ENGINES:
+            assert mode == 'infer' and device.type == 'cpu', 'engine rows are CPU inference rows'
+            self.compiled = True
+            runner = engine_runner(impl, self.model, dtype, img_size)
+            x_np = self.x.numpy()
+            self.fn = lambda x: runner(x_np)
+            self.runner = runner
+            with torch.no_grad():
+                want = self.model.eval()(self.x).float().numpy()
+            self.max_rel_err = float(np.abs(runner(x_np)[0] - want).max() / np.abs(want).max())
+            if dtype == 'fp32' and not self.max_rel_err <= 1e-4:
+                raise AssertionError(f'{impl} fp32 output differs from eager: max relative error '
+                                     f'{self.max_rel_err:.2e}')
+        elif impl == 'optimized':
             assert mode == 'infer', 'optimize_for_inference is for inference rows'
             self.compiled = True
             # its own autocast (the form a user calls), inside the Row's: compiled under an outer autocast alone,
@@ -182,7 +206,6 @@ class Row:
         else:
             # static shapes: each row compiles once for its one shape (a dynamic-shape recompile is much slower)
             self.fn = torch.compile(self.model, dynamic=False) if compiled else self.model
-        self.x = torch.randn(batch, 3, img_size, img_size, device=device)
         self.y = torch.randint(0, max(1, getattr(model, 'num_classes', 1000)), (batch,), device=device)
         amp_dtype = DTYPES[dtype]
         self.autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
@@ -218,12 +241,16 @@ class Row:
             self.step()
             sync(self.device)
             self.peak_mem_mb = (torch.cuda.max_memory_allocated(self.device) - before) / 2 ** 20
-        else:
+        elif self.impl not in ENGINES:  # an engine's allocations are not torch's: the profiler does not see them
             self.peak_mem_mb = cpu_peak_bytes(self.step) / 2 ** 20
 
     def measure_breakdown(self, iters: int):
         """Seconds per step in each op category (:func:`op_category`), from the profiler's self times: device
-        time of the kernels on CUDA, CPU time of the ops on CPU (Inductor's fused kernels count as ``other``)."""
+        time of the kernels on CUDA, CPU time of the ops on CPU (Inductor's fused kernels count as ``other``);
+        for engine rows, the engine's own per-node times (:func:`engine_breakdown`)."""
+        if self.impl in ENGINES:
+            self.breakdown = engine_breakdown(self.impl, self.runner, self.x.numpy(), iters)
+            return
         cuda = self.device.type == 'cuda'
         acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
         sync(self.device)
@@ -281,7 +308,7 @@ class Row:
             limit_gflop_per_s=None if not self.limit else round(self.limit / 1e9, 2),
             frac_of_limit=None if frac is None else round(frac, 4),
             median_s=statistics.median(self.times), min_s=min(self.times), times_s=self.times,
-            breakdown_s=self.breakdown,
+            breakdown_s=self.breakdown, max_rel_err_vs_eager=self.max_rel_err,
             linear_gflop_per_s=None if linear_rate is None else round(linear_rate / 1e9, 2),
         )
 
@@ -381,6 +408,81 @@ def cpu_peak_bytes(step: Callable[[], None]) -> int:
     return peak
 
 
+_EXPORTS: Dict[Tuple, str] = {}  # (model id, format, int8, img_size) -> exported file, one export per row model
+_EXPORT_DIR: List[str] = []
+
+
+def engine_runner(impl: str, model: torch.nn.Module, dtype: str, img_size: int):
+    """An engine running ``model`` exported by ``scalablevit.serving`` (checked against eager when exported): ONNX
+    for ONNX Runtime, OpenVINO IR (converted from torch) for OpenVINO; ``int8``: NNCF-quantized IR, calibrated on
+    random inputs (a speed row: the accuracy it keeps is measured by ``tools/export.py --int8 --val``)."""
+    import tempfile
+
+    from scalablevit.serving import ExportedModel, export_model, fixed_inputs, serving_meta
+    fmt = 'onnx' if impl == 'onnxruntime' else 'openvino'
+    key = (id(model), fmt, dtype == 'int8', img_size)
+    if key not in _EXPORTS:
+        if not _EXPORT_DIR:
+            _EXPORT_DIR.append(tempfile.mkdtemp(prefix='throughput-export-'))
+        path = os.path.join(_EXPORT_DIR[0], f'{len(_EXPORTS)}.{"onnx" if fmt == "onnx" else "xml"}')
+        n = getattr(model, 'num_classes', 0) or 1
+        meta = serving_meta(model, [str(i) for i in range(n)], dict(input_size=(3, img_size, img_size)))
+        calibration = fixed_inputs((3, img_size, img_size), batches=(1,) * 32, seed=2) if dtype == 'int8' else None
+        _logger.info('exporting %s for %s%s', type(model).__name__, impl, ' (int8, NNCF)' if calibration else '')
+        export_model(model, path, fmt, meta, (3, img_size, img_size), threads=torch.get_num_threads(),
+                     int8_calibration=calibration)
+        _EXPORTS[key] = path
+    return ExportedModel(_EXPORTS[key], impl, threads=torch.get_num_threads(),
+                         precision='bf16' if dtype == 'bf16' else 'fp32')
+
+
+def engine_breakdown(impl: str, runner, x, iters: int) -> Dict[str, float]:
+    """Seconds per step by op category from the engine's own profile: ONNX Runtime's node events (a MatMul / Gemm
+    with one activation input multiplies by weights: linear; with two: attention), OpenVINO's per-node counters
+    (FullyConnected: linear, MatMul: attention, (Group)Convolution: conv). Fused nodes count as ``other``."""
+    from scalablevit.serving import ExportedModel
+    totals = dict.fromkeys(OP_CATEGORIES, 0.)
+    if impl == 'onnxruntime':
+        import onnxruntime as ort
+        opts = ort.SessionOptions()
+        opts.enable_profiling = True
+        opts.intra_op_num_threads = torch.get_num_threads()
+        opts.inter_op_num_threads = 1
+        opts.profile_file_prefix = os.path.join(_EXPORT_DIR[0], 'ort_profile')
+        session = ort.InferenceSession(runner.path, opts, providers=['CPUExecutionProvider'])
+        for _ in range(iters + 1):  # the first run warms up and is left out
+            session.run(None, {'images': x})
+        profile = session.end_profiling()
+        with open(profile) as f:
+            events = json.load(f)
+        os.remove(profile)
+        runs = sorted(e['ts'] for e in events if e.get('name') == 'model_run')
+        after = runs[1] if len(runs) > 1 else 0
+        for e in events:
+            if e.get('cat') != 'Node' or not e['name'].endswith('_kernel_time') or e['ts'] < after:
+                continue
+            op, inputs = e['args'].get('op_name', ''), e['args'].get('input_type_shape', [])
+            if op in ('MatMul', 'FusedMatMul', 'Gemm', 'MatMulNBits', 'QLinearMatMul', 'MatMulInteger'):
+                cat = 'linear' if len(inputs) == 1 else 'attention'
+            elif op in ('Conv', 'FusedConv', 'NhwcFusedConv', 'QLinearConv'):
+                cat = 'conv'
+            else:
+                cat = 'other'
+            totals[cat] += e['dur'] / 1e6 / iters
+        return totals
+    profiled = ExportedModel(runner.path, 'openvino', threads=torch.get_num_threads(), precision=runner.precision,
+                             profile=True)
+    profiled(x)
+    for _ in range(iters):
+        profiled(x)
+        for p in profiled.profiling_info():
+            node = p.node_type
+            cat = ('linear' if node == 'FullyConnected' else 'attention' if node == 'MatMul' else
+                   'conv' if node in ('Convolution', 'GroupConvolution') else 'other')
+            totals[cat] += p.real_time.total_seconds() / iters
+    return totals
+
+
 def build_models(name: str, impls: List[str], img_size: int,
                  model_args: Optional[Dict] = None) -> List[Tuple[str, torch.nn.Module]]:
     """(impl, model) pairs for ``name``: ours as fast, optimized and reference (checked equal), a peer as timm."""
@@ -398,6 +500,9 @@ def build_models(name: str, impls: List[str], img_size: int,
         ckpt = copy.deepcopy(model)
         ckpt.set_grad_checkpointing(True)
         out.append(('checkpointed', ckpt))
+    for engine in ENGINES:
+        if engine in impls:
+            out.append((engine, copy.deepcopy(model)))  # the export puts its copy on the plain attention
     if 'reference' in impls:
         ref = make_reference(model)
         check_reference(model, ref, img_size)
@@ -423,15 +528,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--models', nargs='+', default=None,
                         help='model names, or "all" (default: scalable_vit_small and its peers on CPU, all on CUDA)')
     parser.add_argument('--impl', nargs='+', default=['fast', 'reference', 'timm'],
-                        choices=['fast', 'optimized', 'checkpointed', 'reference', 'timm'],
+                        choices=['fast', 'optimized', 'checkpointed', 'reference', 'timm', *ENGINES],
                         help='forms to measure (optimized: optimize_for_inference, inference rows only; '
-                             'checkpointed: gradient checkpointing, training rows only)')
+                             'checkpointed: gradient checkpointing, training rows only; onnxruntime, openvino: '
+                             'the model exported and run by that engine, CPU inference rows only)')
     parser.add_argument('--device', default='auto', help='cpu, cuda, cuda:N or auto')
     parser.add_argument('--batch', type=int, nargs='+', default=None,
                         help='batch sizes (default: 8 on CPU, 64 on CUDA); batch 1 rows give the latency')
     parser.add_argument('--img-size', type=int, default=224)
     parser.add_argument('--dtype', nargs='+', default=None, choices=list(DTYPES),
-                        help='fp32, or bf16/fp16 autocast (default: fp32 on CPU, fp16 on CUDA)')
+                        help='fp32, or bf16/fp16 autocast (default: fp32 on CPU, fp16 on CUDA); int8: OpenVINO rows '
+                             'only (NNCF-quantized)')
     parser.add_argument('--mode', nargs='+', default=['infer'], choices=['infer', 'train'])
     parser.add_argument('--compile', nargs='?', const='yes', default='no', choices=['no', 'yes', 'both'],
                         help='torch.compile rows: no (eager), yes (compiled), both; "--compile" alone is yes')
@@ -483,7 +590,7 @@ def _reference_for(rows: List[Row]) -> Callable[[Row], Optional[Row]]:
 def format_table(rows: List[Row], header: str) -> str:
     ref_of = _reference_for(rows)
     cols = ['model', 'impl', 'mode', 'dtype', 'compiled', 'batch', 'img/s', 'ms/step', 'vs ref', 'GFLOP/s',
-            'of limit', 'peak MB', 'mem vs ref', 'spread']
+            'of limit', 'peak MB', 'mem vs ref', 'spread', 'err vs eager']
     lines = []
     for r in rows:
         ref = ref_of(r)
@@ -496,7 +603,8 @@ def format_table(rows: List[Row], header: str) -> str:
                       '' if rate is None else f'{rate / 1e9:.1f}', '' if frac is None else f'{100 * frac:.0f}%',
                       '-' if r.peak_mem_mb is None else f'{r.peak_mem_mb:.0f}',
                       f'{r.peak_mem_mb / ref.peak_mem_mb:.2f}x' if ref and r is not ref and r.peak_mem_mb and
-                      ref.peak_mem_mb else '', f'{100 * spread:.0f}%'])
+                      ref.peak_mem_mb else '', f'{100 * spread:.0f}%',
+                      '' if r.max_rel_err is None else f'{r.max_rel_err:.1e}'])
     return header + '\n\n' + _markdown(cols, lines)
 
 
@@ -530,6 +638,44 @@ def summarize(rows: List[Row]) -> List[Dict]:
             mem_vs_ref=(round(best.peak_mem_mb / ref.peak_mem_mb, 3) if best.peak_mem_mb and ref.peak_mem_mb
                         else None)))
     return out
+
+
+def serving_summary(rows: List[Row]) -> List[Dict]:
+    """Per model and batch with engine rows: the best of our forms in fp32 and bf16 against the best engine row of
+    the same dtype, and the int8 row against the best fp32 row of any kind."""
+    out = []
+    for name, batch in sorted({(r.name, r.batch) for r in rows if r.impl in ENGINES}):
+        same = [r for r in rows if r.name == name and r.batch == batch and r.mode == 'infer']
+        for dtype in ('fp32', 'bf16'):
+            ours = [r for r in same if r.impl in OURS and r.dtype == dtype]
+            engines = [r for r in same if r.impl in ENGINES and r.dtype == dtype]
+            if ours and engines:
+                a, b = max(ours, key=lambda r: r.img_per_s), max(engines, key=lambda r: r.img_per_s)
+                out.append(dict(model=name, batch=batch, dtype=dtype, ours=a.impl, ours_img_per_s=round(a.img_per_s, 3),
+                                engine=b.impl, engine_img_per_s=round(b.img_per_s, 3),
+                                ours_vs_engine=round(a.img_per_s / b.img_per_s, 3)))
+        fp32 = [r for r in same if r.dtype == 'fp32' and r.impl != 'reference']
+        for r in [r for r in same if r.dtype == 'int8']:
+            if fp32:
+                best = max(fp32, key=lambda r: r.img_per_s)
+                out.append(dict(model=name, batch=batch, dtype='int8', engine=r.impl, engine_img_per_s=round(
+                    r.img_per_s, 3), fp32_best=best.impl, fp32_best_img_per_s=round(best.img_per_s, 3),
+                    int8_vs_fp32_best=round(r.img_per_s / best.img_per_s, 3)))
+    return out
+
+
+def format_serving(serving: List[Dict]) -> str:
+    lines = []
+    for s in serving:
+        if s['dtype'] == 'int8':
+            lines.append(f'{s["model"]} batch {s["batch"]} int8: {s["engine"]} {s["engine_img_per_s"]:.2f} img/s = '
+                         f'{s["int8_vs_fp32_best"]:.2f}x the best fp32 row ({s["fp32_best"]}, '
+                         f'{s["fp32_best_img_per_s"]:.2f} img/s)')
+        else:
+            lines.append(f'{s["model"]} batch {s["batch"]} {s["dtype"]}: ours (best: {s["ours"]}) '
+                         f'{s["ours_img_per_s"]:.2f} img/s vs best engine ({s["engine"]}) {s["engine_img_per_s"]:.2f} '
+                         f'img/s = {s["ours_vs_engine"]:.2f}x')
+    return '\n'.join(lines)
 
 
 def format_summary(summary: List[Dict], limits: Dict[str, float]) -> str:
@@ -569,6 +715,11 @@ def main(args: argparse.Namespace) -> List[Dict]:
                 combos = [c for c in combos if c[0] == 'infer' and c[2] == compiled_opts[0]]
             if impl == 'checkpointed':  # checkpointing only matters with a backward pass
                 combos = [c for c in combos if c[0] == 'train']
+            if impl in ENGINES:  # CPU inference of an exported file, in the dtypes the engine runs
+                combos = [c for c in combos if c[0] == 'infer' and c[2] == compiled_opts[0] and
+                          c[1] in ENGINE_DTYPES[impl] and device.type == 'cpu']
+            else:  # int8 is an engine's quantized model
+                combos = [c for c in combos if c[1] != 'int8']
             for mode, dtype, compiled, batch in combos:
                 # each row owns its weights: training steps must not change another row's model
                 m = copy.deepcopy(model) if len(combos) > 1 else model
@@ -579,7 +730,7 @@ def main(args: argparse.Namespace) -> List[Dict]:
 
     limits: Dict[str, float] = {}
     if not args.no_limit:
-        for dtype in args.dtype:
+        for dtype in [d for d in args.dtype if d != 'int8']:
             _logger.info('GEMM limit %s', dtype)
             limits[dtype] = gemm_limit(dtype, device)
 
@@ -618,6 +769,9 @@ def main(args: argparse.Namespace) -> List[Dict]:
     text = format_summary(summary, limits)
     if text:
         print('\n' + text)
+    serving = serving_summary(rows)
+    if serving:
+        print('\nServing (our best form vs the best engine, same inputs and threads):\n' + format_serving(serving))
     text = format_breakdown(rows)
     if text:
         print('\nWhere the time goes (profiled; shares of the step, and the Linear products\' own rate):\n' + text)
@@ -628,10 +782,10 @@ def main(args: argparse.Namespace) -> List[Dict]:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(records, indent=1))
-        if summary or limits:
+        if summary or limits or serving:
             Path(args.json).with_suffix('.summary.json').write_text(json.dumps(dict(
                 limits_gflop_per_s={k: round(v / 1e9, 2) for k, v in limits.items()}, summary=summary,
-                header=header), indent=1))
+                serving=serving, header=header), indent=1))
     return records
 
 

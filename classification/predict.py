@@ -3,6 +3,8 @@
     python predict.py photo.jpg holidays/ 'scans/**/*.png' --checkpoint ./digits/checkpoint_best.pth \\
         --results-file preds.json
     python predict.py photo.jpg --checkpoint scalable_vit_small.pth --model scalable_vit_small   # released weights
+    python predict.py photos/ --backend onnxruntime --checkpoint digits.onnx   # an export of tools/export.py
+    python predict.py photos/ --backend openvino --checkpoint digits.xml      # OpenVINO IR (fp32 or int8)
 
 INPUT is an image, a folder (searched recursively for image files) or a glob pattern (``**`` recurses). Our own
 checkpoints (written by ``main.py``) carry the model name and ``--model-kwargs``, the class names and the
@@ -10,6 +12,11 @@ evaluation preprocessing in ``ckpt['meta']``, so the checkpoint alone is enough,
 transform ``main.py --eval`` uses. A weights-only checkpoint (the released files) needs ``--model``; its labels
 are ImageNet-1k's and its preprocessing the model's timm ``pretrained_cfg``. The preprocessing flags override
 either. An image that cannot be read is reported by name and skipped; the rest are predicted.
+
+``--backend onnxruntime`` / ``openvino`` run a file written by ``tools/export.py`` (``.onnx``; ``.xml`` or ``.onnx``
+for OpenVINO) with that engine: its class names and preprocessing are stored in it, no model code is built, and the
+image size is the one fixed at export. ``--backend torch`` (default) builds the model from the checkpoint, or runs
+an AOTInductor package (``.pt2``). Every batch logs a timing line (``batch i/n: B images, model M ms``) on stderr.
 
 ``--results-file`` writes JSON: one object per image, ``{"image": path, "topk": [{"index": int, "label": str,
 "prob": float}, ...]}``, in input order.
@@ -19,18 +26,18 @@ import json
 import logging
 import os
 import sys
+import time
 from contextlib import nullcontext
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import timm
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-import scalablevit  # registers scalable_vit_small/base/large with timm
-from scalablevit.checkpoint import atomic_write, load_checkpoint, load_state_dict_strict
+from scalablevit.checkpoint import atomic_write
 from scalablevit.cli import AMP_DTYPES, ParseKwargs, collect_images
 from scalablevit.errors import UserError, run_main
+from scalablevit.serving import ExportedModel, load_classifier
 
 # isort: split
 from datasets import build_eval_transform, read_image
@@ -43,13 +50,20 @@ PREPROCESS_KEYS = ('input_size', 'interpolation', 'crop_pct', 'crop_mode', 'mean
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser('ScalableViT classification predictions', add_help=False)
     parser.add_argument('inputs', nargs='+', metavar='INPUT', help='image file, folder (recursive) or glob pattern')
-    parser.add_argument('--checkpoint', required=True, help='checkpoint written by main.py, or a weights file')
+    parser.add_argument('--checkpoint', required=True,
+                        help='checkpoint written by main.py, or a weights file; with an engine --backend, the file '
+                             'tools/export.py wrote (.onnx, .xml, .pt2)')
+    parser.add_argument('--backend', default='torch', choices=('torch', 'onnxruntime', 'openvino'),
+                        help='torch (the model from the checkpoint, or a .pt2 package), or an inference engine '
+                             'running an exported file')
+    parser.add_argument('--threads', default=None, type=int, help='engine / torch threads (default: all cores)')
     parser.add_argument('--results-file', default=None, help='write the predictions here as JSON')
     parser.add_argument('--topk', default=5, type=int, help='classes per image (default 5)')
     parser.add_argument('--batch-size', default=32, type=int)
     parser.add_argument('--num-workers', default=0, type=int, help='data loading processes')
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    parser.add_argument('--amp', action='store_true', help='autocast (float16 on CUDA, bfloat16 on CPU)')
+    parser.add_argument('--device', default=None, help='default: cuda if there is one (torch backend), else cpu')
+    parser.add_argument('--amp', action='store_true',
+                        help='autocast (float16 on CUDA, bfloat16 on CPU); with --backend openvino: bf16 inference')
     parser.add_argument('--amp-dtype', default=None, choices=tuple(AMP_DTYPES))
     parser.add_argument('--ema', action='store_true', help="use the checkpoint's model_ema weights")
     parser.add_argument('--quiet', action='store_true', help='no per-image line on stdout')
@@ -107,89 +121,132 @@ def _collate(items):
 def _read_class_names(path: str) -> List[str]:
     if not os.path.isfile(path):
         raise UserError(f'--class-names {path}: file not found (expected one label per line)')
-    with open(path) as f:
-        return [line.rstrip('\n') for line in f if line.strip()]
-
-
-def build_model(args: argparse.Namespace) -> Tuple[torch.nn.Module, List[str], Dict[str, Any]]:
-    """The model with the checkpoint's weights (strict), the class names and the preprocessing config."""
-    checkpoint = load_checkpoint(args.checkpoint)
-    meta = checkpoint.get('meta') if isinstance(checkpoint.get('meta'), dict) else None
-    if meta is not None:
-        name = args.model or meta['model']
-        kwargs = {**meta.get('model_kwargs', {}), **args.model_kwargs}
-        num_classes = args.num_classes or meta['num_classes']
-        class_names = list(meta.get('class_names') or [])
-    else:
-        if not args.model:
-            raise UserError(f'{args.checkpoint} records no model (no "meta" entry: a released or weights-only '
-                             f'file); give --model NAME, e.g. --model scalable_vit_small')
-        name, kwargs, num_classes, class_names = args.model, dict(args.model_kwargs), args.num_classes, []
-    if num_classes is not None:
-        kwargs['num_classes'] = num_classes
     try:
-        model = timm.create_model(name, pretrained=False, **kwargs)
-    except (RuntimeError, TypeError, ValueError, AssertionError) as e:
-        raise UserError(f'cannot build model {name} with {kwargs}: {str(e).splitlines()[0]}') from e
+        with open(path, encoding='utf-8') as f:
+            return [line.rstrip('\n') for line in f if line.strip()]
+    except UnicodeDecodeError as e:
+        raise UserError(f'--class-names {path}: not UTF-8 text (byte {e.start}: {e.reason}); expected one label per '
+                        f'line') from e
 
-    source = args.checkpoint
-    if args.ema:
-        if not isinstance(checkpoint.get('model_ema'), dict):
-            raise UserError(f'--ema: {args.checkpoint} has no model_ema weights')
-        checkpoint, source = checkpoint['model_ema'], f'{args.checkpoint} (model_ema)'
-    load_state_dict_strict(model, scalablevit.unwrap_state_dict(checkpoint), source,
-                           hint='check --model / --model-kwargs / --num-classes')
 
-    n = getattr(model, 'num_classes', None) or model.get_classifier().out_features
-    if args.class_names:
-        class_names = _read_class_names(args.class_names)
-    elif not class_names:
-        class_names = timm.data.ImageNetInfo().label_descriptions() if n == 1000 else [str(i) for i in range(n)]
-    if len(class_names) != n:
-        raise UserError(f'{len(class_names)} class names for a model with {n} classes')
-
-    cfg = dict(meta['pretrained_cfg']) if meta is not None and 'pretrained_cfg' in meta else \
-        {k: v for k, v in timm.data.resolve_data_config(model=model).items()}
+def _preprocessing(cfg: Dict[str, Any], args: argparse.Namespace) -> Dict[str, Any]:
+    """The recorded preprocessing with the flags' overrides."""
+    cfg = dict(cfg)
     overrides = dict(interpolation=args.interpolation, crop_pct=args.crop_pct, crop_mode=args.crop_mode,
                      mean=args.mean, std=args.std)
     if args.input_size is not None:
         overrides['input_size'] = (3, args.input_size, args.input_size)
     cfg.update({k: v for k, v in overrides.items() if v is not None})
-    return model, class_names, {k: cfg[k] for k in PREPROCESS_KEYS if k in cfg}
+    return {k: cfg[k] for k in PREPROCESS_KEYS if k in cfg}
+
+
+def _labels(class_names: List[str], n: int, args: argparse.Namespace) -> List[str]:
+    if args.class_names:
+        class_names = _read_class_names(args.class_names)
+    if len(class_names) != n:
+        raise UserError(f'{len(class_names)} class names for a model with {n} classes')
+    return class_names
+
+
+def build_model(args: argparse.Namespace) -> Tuple[torch.nn.Module, List[str], Dict[str, Any]]:
+    """The model with the checkpoint's weights (strict), the class names and the preprocessing config."""
+    model, class_names, cfg = load_classifier(args.checkpoint, args.model, args.model_kwargs, args.num_classes,
+                                              args.ema)
+    n = getattr(model, 'num_classes', None) or model.get_classifier().out_features
+    return model, _labels(class_names, n, args), _preprocessing(cfg, args)
+
+
+def build_exported(args: argparse.Namespace) -> Tuple[ExportedModel, List[str], Dict[str, Any]]:
+    """An export of tools/export.py run by ``args.backend``: the engine, its class names and preprocessing."""
+    given = [f for f, v in (('--model', args.model), ('--model-kwargs', args.model_kwargs),
+                            ('--num-classes', args.num_classes), ('--ema', args.ema)) if v]
+    if given:
+        raise UserError(f'{", ".join(given)}: the exported file {args.checkpoint} fixes the model; export again '
+                        f'with tools/export.py to change it')
+    if args.amp_dtype == 'float16':
+        raise UserError('--amp-dtype float16: the engines run fp32 or bf16 (--amp) on CPU')
+    precision = 'bf16' if (args.amp or args.amp_dtype) else 'fp32'
+    engine = 'torch' if args.backend == 'torch' else args.backend
+    runner = ExportedModel(args.checkpoint, engine, threads=args.threads, precision=precision)
+    if runner.meta.get('kind') != 'classifier':
+        raise UserError(f'{args.checkpoint} is a {runner.meta.get("kind")} export (feature maps), not a classifier')
+    cfg = _preprocessing(runner.meta['preprocessing'], args)
+    fixed = tuple(runner.meta['preprocessing']['input_size'])
+    if tuple(cfg['input_size']) != fixed:
+        raise UserError(f'--input-size {cfg["input_size"][-1]}: {args.checkpoint} was exported for '
+                        f'{fixed[-1]}x{fixed[-2]} images (the size is fixed in the graph); export again with '
+                        f'--img-size {cfg["input_size"][-1]}')
+    return runner, _labels(list(runner.meta['class_names']), int(runner.meta['num_classes']), args), cfg
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.topk < 1:
+        raise UserError(f'--topk must be at least 1, got {args.topk}')
+    if args.batch_size < 1:
+        raise UserError(f'--batch-size must be at least 1, got {args.batch_size}')
+    if args.num_workers < 0:
+        raise UserError(f'--num-workers must be 0 or more, got {args.num_workers}')
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f'--threads must be at least 1, got {args.threads}')
+    if args.backend != 'torch' and args.device != 'cpu':
+        raise UserError(f'--backend {args.backend} runs on the CPU; drop --device {args.device}')
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def predict(args: argparse.Namespace) -> List[Dict[str, Any]]:
-    if args.topk < 1:
-        raise UserError(f'--topk must be at least 1, got {args.topk}')
+    if args.device is None:  # the engines here are CPU engines
+        args.device = 'cuda' if args.backend == 'torch' and torch.cuda.is_available() else 'cpu'
+    _check_args(args)
     paths = collect_images(args.inputs)
     device = torch.device(args.device)
-    model, class_names, cfg = build_model(args)
-    model.to(device).eval()
-    name = getattr(model, 'pretrained_cfg', {}).get('architecture', type(model).__name__)
+    exported = args.backend != 'torch' or args.checkpoint.endswith('.pt2')
+    if exported:
+        runner, class_names, cfg = build_exported(args)
+        name = f'{runner.meta["model"]} ({runner.engine}, {runner.meta.get("precision", "fp32")}' \
+               + (', bf16 inference' if runner.precision == 'bf16' else '') + ')'
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(runner(x)[0])
+    else:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        model, class_names, cfg = build_model(args)
+        model.to(device).eval()
+        name = getattr(model, 'pretrained_cfg', {}).get('architecture', type(model).__name__)
+        amp_dtype = None
+        if args.amp or args.amp_dtype:
+            amp_dtype = AMP_DTYPES[args.amp_dtype or ('float16' if device.type == 'cuda' else 'bfloat16')]
+        autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            with autocast:
+                out = model(x.to(device, non_blocking=True))
+            if device.type == 'cuda':
+                torch.cuda.synchronize(device)
+            return out
     _logger.info(f'{len(paths)} images; model {name} with {len(class_names)} classes; '
                  f'preprocessing {cfg}')
-    amp_dtype = None
-    if args.amp or args.amp_dtype:
-        amp_dtype = AMP_DTYPES[args.amp_dtype or ('float16' if device.type == 'cuda' else 'bfloat16')]
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
 
     loader = DataLoader(ImageFiles(paths, build_eval_transform(cfg)), batch_size=args.batch_size, shuffle=False,
                         num_workers=args.num_workers, collate_fn=_collate, pin_memory=device.type == 'cuda')
     k = min(args.topk, len(class_names))
     results: Dict[int, Dict[str, Any]] = {}
     skipped = []
-    for indices, images, bad in tqdm(loader, desc='predict', unit='batch', file=sys.stderr, dynamic_ncols=True):
+    for b, (indices, images, bad) in enumerate(tqdm(loader, desc='predict', unit='batch', file=sys.stderr,
+                                                   dynamic_ncols=True)):
         for i, err in bad:
             skipped.append(paths[i])
             tqdm.write(f'skipped {err}', file=sys.stderr)
         if images is None:
             continue
-        with autocast:
-            logits = model(images.to(device, non_blocking=True))
-        probs, top = logits.float().softmax(dim=-1).topk(k, dim=-1)
+        t0 = time.perf_counter()
+        logits = forward(images)
+        ms = 1e3 * (time.perf_counter() - t0)
+        tqdm.write(f'batch {b + 1}/{len(loader)}: {len(indices)} images, model {ms:.1f} ms '
+                   f'({1e3 * len(indices) / ms:.1f} img/s, {args.backend})', file=sys.stderr)
+        probs, top = logits.float().cpu().softmax(dim=-1).topk(k, dim=-1)
         for i, p_row, t_row in zip(indices, probs.tolist(), top.tolist()):
             results[i] = dict(image=paths[i], topk=[dict(index=t, label=class_names[t], prob=p)
                                                     for t, p in zip(t_row, p_row)])
