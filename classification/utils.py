@@ -4,7 +4,6 @@ import datetime
 import logging
 import os
 import random
-import shutil
 import subprocess
 import time
 from collections import defaultdict, deque
@@ -207,24 +206,10 @@ def save_checkpoint(state: Dict[str, Any], path: str):
 
 
 def copy_checkpoint(src: Path, dst: Path):
-    """``dst`` becomes a copy of the checkpoint ``src`` (main process): a hard link where the file system has them
-    (no second write; ``save_checkpoint`` later replaces ``src`` by a new file, the link keeps the old one), else a
-    byte copy; atomic either way."""
-    if not is_main_process():
-        return
-    tmp = f'{dst}.tmp.{os.getpid()}'
-    try:
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except OSError as e:
-        raise scalablevit_checkpoint.DiskWriteError(
-            scalablevit_checkpoint.write_failure(str(dst), os.path.getsize(src), e, DISK_FULL_ADVICE)) from e
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """``dst`` becomes a copy of the checkpoint ``src`` (main process; ``scalablevit.checkpoint.atomic_copy``: a
+    hard link where the file system has them, else a byte copy; fsynced and atomic either way)."""
+    if is_main_process():
+        scalablevit_checkpoint.atomic_copy(src, dst, advice=DISK_FULL_ADVICE)
 
 
 def write_text(path: Path, line: str):
@@ -275,7 +260,7 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
     DeiT-style files store ``args`` as an ``argparse.Namespace``; that one class is allowed for this load only.
     """
     if path.startswith(('https://', 'http://')):
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with scalablevit_checkpoint.allowed_globals([argparse.Namespace]):
             return torch.hub.load_state_dict_from_url(path, map_location='cpu', check_hash=True, weights_only=True)
     return scalablevit_checkpoint.load_checkpoint(path)
 

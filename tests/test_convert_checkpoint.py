@@ -269,7 +269,7 @@ def test_real_mmengine_checkpoint_and_its_scalars(conv, load_script, tmp_path, c
     assert 'norm <- out_norms.2' in stdout and 'dropped out_norms and head' in stdout
     # independently: the trained backbone (built from the config, weights from the checkpoint) vs timm's load
     from scalablevit.checkpoint import load_checkpoint
-    from scalablevit.mm.compat import MMENGINE_SAFE_GLOBALS
+    from scalablevit.mm.checkpoint import MMENGINE_SAFE_GLOBALS
     saved = load_checkpoint(ckpt, safe_globals=MMENGINE_SAFE_GLOBALS)['state_dict']  # weights_only, allow-listed
     backbone = ScalableViTBackbone(**{k: v for k, v in backbone_cfg.items() if k != 'type'}).eval()
     backbone.load_state_dict({k[len('backbone.'):]: v for k, v in saved.items() if k.startswith('backbone.')})

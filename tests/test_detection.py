@@ -12,8 +12,9 @@ import sys
 
 import mmdet  # noqa: F401,E402  (the OpenMMLab stack is part of the install: no skipping)
 import pytest
-import torch
 from mmcv.ops import nms  # noqa: F401,E402
+
+from scalablevit.mm.checkpoint import load_mm_checkpoint
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 DET = osp.join(ROOT, 'detection')
@@ -201,14 +202,14 @@ def test_mask_rcnn_train_resume_and_test_prints_bbox_and_segm_map(run_dir):
     train = [sys.executable, osp.join(DET, 'train.py'), TINY_MASK, '--work-dir', str(work)]
     out = _ok(train + ['--cfg-options', 'train_cfg.max_epochs=1'], run_dir)
     assert all(k in out for k in ('loss_rpn_cls', 'loss_cls', 'loss_mask'))
-    first = torch.load(work / 'epoch_1.pth', map_location='cpu', weights_only=True)  # the allow-list at work
+    first = load_mm_checkpoint(work / 'epoch_1.pth')  # weights_only, mmengine's classes allowed for the load
     assert first['meta']['epoch'] == 1 and first['meta']['iter'] == 4
 
     # --resume continues from the latest checkpoint: optimizer state, epoch and iteration counters.
     out = _ok(train + ['--resume', '--cfg-options', 'train_cfg.max_epochs=2', 'train_cfg.val_interval=1'], run_dir)
     assert 'resumed epoch: 1, iter: 4' in out
     assert 'Epoch(train) [2][4/4]' in out and 'Epoch(train) [1]' not in out
-    second = torch.load(work / 'epoch_2.pth', map_location='cpu', weights_only=True)
+    second = load_mm_checkpoint(work / 'epoch_2.pth')
     assert second['meta']['iter'] == 8 and 'optimizer' in second
     _metric(out, 'segm_mAP')
 

@@ -154,11 +154,13 @@ def test_old_module_names_recorded_in_configs_still_load(tmp_path):
                    "allow_failed_imports=False)\n")
     cfg = Config.fromfile(str(cfg))
     import_modules_from_strings(**cfg.custom_imports)
+    import scalablevit.mm.checkpoint as new_checkpoint
     import scalablevit.mm.compat as new
     import scalablevit.mm_compat as old
     from scalablevit.mm.config import build_model
     from scalablevit.mm.tasks import DETECTION
-    assert old.SyncBatchNormCPU is new.SyncBatchNormCPU and old.MMENGINE_SAFE_GLOBALS is new.MMENGINE_SAFE_GLOBALS
+    assert old.SyncBatchNormCPU is new.SyncBatchNormCPU
+    assert old.MMENGINE_SAFE_GLOBALS is new_checkpoint.MMENGINE_SAFE_GLOBALS
     assert type(build_model(cfg, DETECTION).backbone).__name__ == 'ScalableViTBackbone'
 
 

@@ -14,8 +14,8 @@ import mmseg  # noqa: F401
 import pytest
 import torch
 
-import scalablevit.mm  # noqa: F401
-from scalablevit.errors import UserError  # noqa: E402  (allow-lists mmengine's checkpoint classes for the weights_only loads below)
+from scalablevit.errors import UserError
+from scalablevit.mm.checkpoint import load_mm_checkpoint
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 DET = osp.join(ROOT, 'detection')
@@ -143,7 +143,7 @@ def test_grad_accum_steps_and_tensorboard_in_a_real_run(ade, tmp_path):
                SEG)
     assert 'effective batch: 1 processes x 2 images x 2 accumulation steps = 4 images per optimizer step' in out
     assert 'Iter(train) [8/8]' in out
-    ckpt = torch.load(work / 'iter_8.pth', map_location='cpu', weights_only=True)
+    ckpt = load_mm_checkpoint(work / 'iter_8.pth')
     assert ckpt['meta']['iter'] == 8
     steps = {int(s['step']) for s in ckpt['optimizer']['state'].values()}
     assert steps == {4}, steps  # 8 batches / 2 = 4 AdamW steps (8 without accumulation)
@@ -243,7 +243,7 @@ def test_compile_trains_and_tests_the_tiny_segmenter(ade, tmp_path):
                 '--cfg-options', *opts, 'train_cfg.max_iters=2', 'train_cfg.val_interval=2',
                 'default_hooks.checkpoint.interval=2', 'param_scheduler.0.end=2'], SEG)
     assert '--compile default: backbone and neck compiled' in out and 'Iter(train) [2/2]' in out and 'mIoU' in out
-    ckpt = torch.load(work / 'iter_2.pth', map_location='cpu', weights_only=True)
+    ckpt = load_mm_checkpoint(work / 'iter_2.pth')
     assert not [k for k in ckpt['state_dict'] if '_orig_mod' in k]
     out = _run([sys.executable, osp.join(SEG, 'test.py'), TINY_FPN, str(work / 'iter_2.pth'), '--work-dir', str(work),
                 '--compile', '--cfg-options', *opts], SEG)

@@ -24,8 +24,9 @@ What goes in and out:
 Wrappers are unwrapped: ``{'model': ...}``, ``{'state_dict': ...}`` (mmengine, timm), DDP's ``module.``, torch.compile's
 ``_orig_mod.``; ``--ema`` takes the EMA weights (``model_ema``, timm's ``state_dict_ema``). The architecture comes from
 the checkpoint (``meta`` of ``classification/main.py`` checkpoints, ``args`` of DeiT-style files, the config that
-mmengine records in ``meta['cfg']``) or from ``--model``/``--model-kwargs`` (classification) and ``--config``/``--arch``
-(detection/segmentation).
+mmengine records in ``meta['cfg']``, read as data: its ``model = dict(...)`` is parsed as literals and nothing in it
+runs) or from ``--model``/``--model-kwargs`` (classification) and ``--config``/``--arch`` (detection/segmentation).
+The input is never overwritten: an output path that is the input is refused.
 
 Every conversion is checked before anything is written: the source weights load strictly into the source model, the
 converted weights load strictly into the target (the det/seg backbone, the classifier, timm's loader), and both give
@@ -46,8 +47,9 @@ import timm
 import torch
 import torch.nn as nn
 
-import scalablevit  # noqa: F401  (registers scalable_vit_small/base/large with timm)
-from scalablevit.checkpoint import load_checkpoint, load_state_dict_strict
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a clone without installing
+import scalablevit  # noqa: E402,F401  (registers scalable_vit_small/base/large with timm)
+from scalablevit.checkpoint import atomic_write, load_checkpoint, load_state_dict_strict, recorded_config, tensor_bytes
 from scalablevit.cli import ParseKwargs
 from scalablevit.errors import UserError, run_main
 from scalablevit.model import resolve_arch
@@ -84,11 +86,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 # Reading
 
 def read_checkpoint(path: str) -> Dict[str, Any]:
-    try:  # mmengine checkpoints hold a few non-tensor objects, which scalablevit.mm allow-lists
-        import scalablevit.mm  # noqa: F401
+    """The file, read as data: ``torch.load(weights_only=True)``, with mmengine's few classes allowed for this load
+    when the OpenMMLab stack is installed (``scalablevit.mm.checkpoint``)."""
+    try:
+        from scalablevit.mm.checkpoint import load_mm_checkpoint
     except ImportError:
-        pass
-    return load_checkpoint(path)
+        return load_checkpoint(path)
+    return load_mm_checkpoint(path)
 
 
 def select_weights(checkpoint: Dict[str, Any], ema: bool, source: str) -> Dict[str, torch.Tensor]:
@@ -141,32 +145,33 @@ def classification_arch(checkpoint: Dict, state_dict: Dict, args: argparse.Names
 
 
 def backbone_cfg(checkpoint: Dict, args: argparse.Namespace) -> Dict[str, Any]:
-    """``model.backbone`` of the det/seg config: ``--config``, else the one mmengine recorded, else ``--arch``."""
-    if args.config or not args.arch:
+    """``model.backbone`` of the det/seg config: ``--config``, else ``--arch``, else the config text mmengine
+    recorded in ``meta['cfg']``, read as data (``scalablevit.checkpoint.recorded_config``: literals only, nothing of
+    it runs)."""
+    if args.config:
         try:
             from mmengine.config import Config
         except ImportError as e:
             raise ConversionError('reading a det/seg config needs mmengine (bash install.sh); or give --arch') from e
-        text = _get(checkpoint.get('meta'), 'cfg')
-        if args.config:
-            if not os.path.isfile(args.config):
-                raise ConversionError(f'--config {args.config}: file not found')
-            cfg, where = Config.fromfile(args.config), args.config
-        elif isinstance(text, str):
-            try:
-                cfg, where = Config.fromstring(text, '.py'), f'the config recorded in {args.src}'
-            except Exception as e:  # noqa: BLE001  (any failure to rebuild the recorded config)
-                raise ConversionError(f'cannot read the config recorded in {args.src} ({type(e).__name__}: '
-                                      f'{str(e).splitlines()[0] if str(e) else ""}); give --config or --arch') from e
-        else:
-            raise ConversionError(f'{args.src} records no config (meta["cfg"]); give --config CONFIG or --arch s|b|l')
-        backbone = cfg.get('model', {}).get('backbone')
-        if not backbone or 'ScalableViT' not in str(backbone.get('type', '')):
-            raise ConversionError(f'{where}: model.backbone is {backbone and backbone.get("type")}, not '
-                                  f'ScalableViTBackbone')
-        backbone = backbone.to_dict() if hasattr(backbone, 'to_dict') else dict(backbone)
+        if not os.path.isfile(args.config):
+            raise ConversionError(f'--config {args.config}: file not found')
+        backbone, where = Config.fromfile(args.config).get('model', {}).get('backbone'), args.config
+        backbone = backbone.to_dict() if hasattr(backbone, 'to_dict') else backbone
+    elif args.arch:
+        backbone, where = dict(type='ScalableViTBackbone', arch=args.arch), '--arch'
     else:
-        backbone = dict(type='ScalableViTBackbone', arch=args.arch)
+        text, where = _get(checkpoint.get('meta'), 'cfg'), f'the config recorded in {args.src}'
+        if not isinstance(text, str):
+            raise ConversionError(f'{args.src} records no config (meta["cfg"]); give --config CONFIG or --arch s|b|l')
+        try:
+            model = recorded_config(text, 'model')
+        except ValueError as e:
+            raise ConversionError(f'cannot read the model from {where} without running it ({e}); give --config '
+                                  f'or --arch') from None
+        backbone = model.get('backbone') if isinstance(model, dict) else None
+    if not isinstance(backbone, dict) or 'ScalableViT' not in str(backbone.get('type', '')):
+        raise ConversionError(f'{where}: model.backbone is {isinstance(backbone, dict) and backbone.get("type")}, '
+                              f'not ScalableViTBackbone')
     arch = backbone.get('arch', 's')
     extra = {k: v for k, v in backbone.items() if k not in BACKBONE_ONLY}
     try:
@@ -313,32 +318,17 @@ def classifier_as_is(checkpoint: Dict, state_dict: Dict, args: argparse.Namespac
 # ---------------------------------------------------------------------------------------------------------------------
 # Writing
 
-def _replace_atomic(write, path: str):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.convert-', suffix=os.path.splitext(path)[1], dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the output is an ordinary file
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_file(state_dict: Dict, meta: Dict, path: str, target: str):
     if path.endswith('.safetensors'):
         if target == 'backbone':
             raise ConversionError('--to backbone writes .pth: the det/seg configs read their init_cfg checkpoint '
                                   'with torch.load')
-        from safetensors.torch import save_file
+        from safetensors.torch import save
         tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
-        _replace_atomic(lambda p: save_file(tensors, p, metadata={'format': 'pt', 'meta': json.dumps(meta)}), path)
+        atomic_write(path, save(tensors, metadata={'format': 'pt', 'meta': json.dumps(meta)}))
     elif path.endswith('.pth') or path.endswith('.pt'):
-        _replace_atomic(lambda p: torch.save({'state_dict': state_dict, 'meta': meta}, p), path)
+        atomic_write(path, lambda f: torch.save({'state_dict': state_dict, 'meta': meta}, f),
+                     need=tensor_bytes(state_dict))
     else:
         raise ConversionError(f'{path}: name the output .pth or .safetensors (or use --to timm for a folder)')
 
@@ -379,7 +369,19 @@ def write_timm_folder(model: nn.Module, meta: Dict, folder: str, check_size: Opt
             f'(max diff {max(d1, d2):.2g})']
 
 
+def check_not_overwriting(src: str, out: str, to: Optional[str]):
+    """Refuse an output that is the input itself (``convert ck.pth ck.pth`` would replace a training checkpoint,
+    optimizer and EMA included, by the converted weights); for a timm folder, the files it writes into it."""
+    targets = [os.path.join(out, n) for n in ('model.safetensors', 'config.json')] if to == 'timm' else [out]
+    for target in targets:
+        if os.path.exists(target) and os.path.samefile(src, target):
+            raise ConversionError(f'the output {out} is the input {src}: it would be replaced by the converted '
+                                  f'weights; give another output path (nothing was written)')
+
+
 def convert(args: argparse.Namespace) -> List[str]:
+    if os.path.isfile(args.src):
+        check_not_overwriting(args.src, args.out, args.to)
     checkpoint = read_checkpoint(args.src)
     state_dict = select_weights(checkpoint, args.ema, args.src)
     if any(k.startswith('backbone.') for k in state_dict):

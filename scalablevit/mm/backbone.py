@@ -12,8 +12,9 @@ import torch.nn as nn
 from mmengine.logging import print_log
 from mmengine.registry import MODELS
 
-from ..checkpoint import check_state_dict, load_checkpoint
+from ..checkpoint import check_state_dict
 from ..model import ScalableViT, resolve_arch, unwrap_state_dict
+from .checkpoint import load_mm_checkpoint
 
 __all__ = ['ScalableViTBackbone', 'load_pretrained']
 
@@ -32,7 +33,7 @@ def load_pretrained(model: ScalableViT, checkpoint: Union[str, Dict], prefix: st
     """
     source = checkpoint if isinstance(checkpoint, str) else 'given as a dict'
     if isinstance(checkpoint, str):
-        checkpoint = load_checkpoint(checkpoint)
+        checkpoint = load_mm_checkpoint(checkpoint)
     state_dict = unwrap_state_dict(checkpoint)
     if prefix:
         state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}

@@ -2,11 +2,8 @@
 
 ``import scalablevit.mm`` applies them, once; none changes what a CUDA run computes.
 
-1. Checkpoints under ``torch.load(weights_only=True)`` (torch's default since 2.6). mmengine 0.10 calls
-   ``torch.load`` without the argument, and its checkpoints hold a few non-tensor objects (the message hub's
-   ``HistoryBuffer``, numpy arrays, dtypes and scalars), so test, ``load_from`` and resume would fail. Exactly these
-   classes (:data:`MMENGINE_SAFE_GLOBALS`) are allow-listed with ``torch.serialization.add_safe_globals``; the
-   weights-only safety itself stays on (``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` is never needed).
+1. (Checkpoints are read by :mod:`scalablevit.mm.checkpoint`, mmengine's loader of local files through its
+   public ``CheckpointLoader.register_scheme``: no patch, and nothing added to torch's allow-list.)
 2. mmengine's PyTorch launcher (``mmengine.dist.utils._init_dist_pytorch``) always calls ``torch.cuda.set_device``;
    without a GPU it initialises a gloo process group instead, so ``torchrun`` works on CPU.
 3. ``SyncBN`` on CPU: torch's ``SyncBatchNorm`` only runs on accelerators. :class:`SyncBatchNormCPU` (registered
@@ -33,24 +30,7 @@ from mmengine.registry import MODELS
 
 from ..checkpoint import atomic_write
 
-__all__ = ['MMENGINE_SAFE_GLOBALS', 'SyncBatchNormCPU', 'atomic_open']
-
-
-def _mmengine_safe_globals() -> list:
-    import numpy as np
-    from mmengine.logging.history_buffer import HistoryBuffer
-
-    safe = [HistoryBuffer, np.ndarray, np.dtype, getattr]
-    safe += [type(np.dtype(t)) for t in ('bool', 'int8', 'int16', 'int32', 'int64', 'uint8', 'float16',
-                                         'float32', 'float64')]
-    core = getattr(np, '_core', None) or np.core
-    safe += [core.multiarray.scalar, core.multiarray._reconstruct]
-    return safe
-
-
-#: What mmengine checkpoints need beyond tensors under ``weights_only=True``. Allowed for good on import; do not pass
-#: them to ``torch.serialization.safe_globals`` as well: that context removes them again on exit.
-MMENGINE_SAFE_GLOBALS = _mmengine_safe_globals()
+__all__ = ['SyncBatchNormCPU', 'atomic_open']
 
 
 def _init_dist_pytorch_any_device(backend: str, init_backend: str = 'torch', **kwargs) -> None:
@@ -150,7 +130,6 @@ def _atomic_put_text(self, obj: str, filepath, encoding: str = 'utf-8') -> None:
 
 def _apply():
     global _ORIGINAL_INIT_DIST_PYTORCH
-    torch.serialization.add_safe_globals(MMENGINE_SAFE_GLOBALS)
     if getattr(_mm_dist_utils._init_dist_pytorch, '__name__', '') != _init_dist_pytorch_any_device.__name__:
         _ORIGINAL_INIT_DIST_PYTORCH = _mm_dist_utils._init_dist_pytorch
         _mm_dist_utils._init_dist_pytorch = _init_dist_pytorch_any_device

@@ -17,9 +17,10 @@ import os
 import os.path as osp
 from typing import Iterator, List, Optional, Sequence, Tuple
 
-from ..checkpoint import check_state_dict, load_checkpoint
+from ..checkpoint import check_state_dict
 from ..errors import UserError
 from ..model import unwrap_state_dict
+from .checkpoint import load_mm_checkpoint
 from .config import build_model
 
 __all__ = ['LOADERS', 'add_data_args', 'apply_data_args', 'check_checkpoint', 'check_config', 'dataset_of',
@@ -179,7 +180,7 @@ def check_config(cfg, task, loader_keys: Sequence[str], train: bool, deep: bool 
 def check_checkpoint(cfg, task, path: str, model=None):
     """Refuse a checkpoint whose keys or shapes do not fit the config's model (one line, from
     :func:`scalablevit.checkpoint.check_state_dict`)."""
-    state_dict = unwrap_state_dict(load_checkpoint(path))
+    state_dict = unwrap_state_dict(load_mm_checkpoint(path))
     model = model if model is not None else build_model(cfg, task)
     check_state_dict(model, state_dict, path, hint='test a checkpoint with the config (and --classes) it was '
                                                   'trained with')

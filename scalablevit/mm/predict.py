@@ -7,7 +7,7 @@ INPUT is an image file, a folder (searched recursively for images) or a glob (``
 expanded by the shell). The model, its test pipeline and the drawing are mmdet's ``DetInferencer`` and mmseg's
 ``MMSegInferencer`` built from our config; what this module adds around them:
 
-* the checkpoint is read with ``torch.load(weights_only=True)`` (:func:`scalablevit.checkpoint.load_checkpoint`)
+* the checkpoint is read as data, with ``torch.load(weights_only=True)`` (:mod:`scalablevit.mm.checkpoint`),
   and must fit the config's model exactly (:func:`scalablevit.checkpoint.check_state_dict`); the inferencers
   alone would load a partial checkpoint with a warning;
 * class names come from the checkpoint (``meta.dataset_meta``, written by the training runner), else from the
@@ -38,10 +38,11 @@ from typing import List, Optional, Sequence
 from mmengine.config import Config, DictAction
 from mmengine.logging import print_log
 
-from ..checkpoint import check_state_dict, load_checkpoint
+from ..checkpoint import check_state_dict
 from ..cli import collect_images
 from ..errors import UserError
 from ..model import unwrap_state_dict
+from .checkpoint import load_mm_checkpoint
 from .tasks import get_task
 
 __all__ = ['predict_main']
@@ -132,7 +133,7 @@ def predict_main(argv: Optional[List[str]], task, task_dir: Optional[str] = None
     if not osp.isfile(args.weights):
         raise UserError(f'--weights: checkpoint not found: {args.weights}')
     paths = collect_images(args.inputs)
-    checkpoint = load_checkpoint(args.weights)  # weights_only=True; scalablevit.mm allow-lists mmengine's classes
+    checkpoint = load_mm_checkpoint(args.weights)  # read as data (scalablevit.mm.checkpoint)
     device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     if device.startswith('cuda') and not torch.cuda.is_available():
         raise UserError(f'--device {device}: no CUDA device here; use --device cpu')
