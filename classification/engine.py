@@ -15,9 +15,14 @@ from torch.utils.data import DataLoader
 # isort: split
 import utils
 
+from scalablevit.errors import UserError
 from scalablevit.signals import StopOnSignal
 
 _logger = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(UserError, FloatingPointError):
+    """The loss became NaN or infinite; the message says where and what to try."""
 
 
 def autocast(device: torch.device, dtype: Optional[torch.dtype]):
@@ -105,8 +110,8 @@ def train_one_epoch(
                 loss = criterion(outputs, targets)
             loss_value = loss.item()
             if not math.isfinite(loss_value):
-                raise FloatingPointError(f'loss is {loss_value} at epoch {epoch}, step {step}: stopping training '
-                                         f'(try a lower --lr, --clip-grad, or --no-amp)')
+                raise NonFiniteLoss(f'loss is {loss_value} at epoch {epoch}, step {step}: stopping training '
+                                    f'(try a lower --lr, --clip-grad, or --no-amp)')
             scaler.scale(loss / group_size).backward()
 
         if last_of_group:

@@ -8,7 +8,11 @@
 
 See README.md for the full commands and the flags that differ from DeiT.
 """
+if __name__ == '__main__':  # first: SIGTERM / SIGUSR1 wait for the stop handler (scalablevit.signals)
+    import signal
+    signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGTERM, signal.SIGUSR1))
 import argparse
+import dataclasses
 import datetime
 import difflib
 import importlib.util
@@ -19,14 +23,14 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Dict, Optional, Tuple
 
 import timm
 import torch
 import torch.backends.cudnn as cudnn
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, list_optimizers
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
@@ -34,10 +38,10 @@ from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 from torch.utils.data.distributed import DistributedSampler
 
 import scalablevit  # registers scalable_vit_small/base/large with timm
-from scalablevit.cli import AMP_DTYPES, ParseKwargs, check_compile, release_process_group
-from scalablevit.errors import EXIT_ERROR, EXIT_STOPPED, UserError, error_line
+from scalablevit.cli import AMP_DTYPES, ParseKwargs, check_compile, check_device, run_command
+from scalablevit.errors import StoppedToResume, UserError, met_by_this_process
 from scalablevit.info import count_params, describe
-from scalablevit.signals import StopOnSignal
+from scalablevit.signals import StopOnSignal, ignore_stop_signals
 
 # isort: split
 import utils
@@ -47,7 +51,8 @@ from samplers import RASampler, ShardedEvalSampler
 
 _logger = logging.getLogger('main')
 FUSED_OPTIMIZERS = ('adamw', 'adam')  # timm names of torch optimizers with fused=True on CPU and CUDA
-_started: Optional[str] = None  # 'train' / 'eval' once the loop runs: errors from then on may be one process's own
+#: --sched: timm's epoch schedules (its 'plateau' needs a metric, 'none' no schedule: neither is wired here)
+SCHEDULERS = ('cosine', 'tanh', 'step', 'multistep', 'poly', 'wsd', 'rsqrt', 'constant')
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -176,6 +181,10 @@ def check_args(args: argparse.Namespace):
                              ('--num_workers', args.num_workers, 0), ('--checkpoint-hist', args.checkpoint_hist, 0)):
         if value < low:
             raise UserError(f'{flag} must be at least {low}, got {value}')
+    check_device('--device', args.device)
+    check_choice('--opt', args.opt.lower().split('_')[-1], list_optimizers(), 'timm optimizer',
+                 f'timm.optim.list_optimizers() names all {len(list_optimizers())} (e.g. adamw, sgd, lamb, lion)')
+    check_choice('--sched', args.sched, SCHEDULERS, 'schedule')
     if not timm.is_model(args.model):
         close = difflib.get_close_matches(args.model, timm.list_models(), n=3)
         hint = f'did you mean {", ".join(close)}?' if close else 'see timm.list_models()'
@@ -207,6 +216,17 @@ def check_args(args: argparse.Namespace):
         if not os.path.isdir(args.data_path):
             raise UserError(f'--data-path {args.data_path} is not a folder; expected {args.data_path}/train/'
                                    f'<class>/<image> and {args.data_path}/val/<class>/<image> (the ImageFolder layout)')
+
+
+def check_choice(flag: str, value: str, choices, what: str, listing: str = ''):
+    """A :class:`UserError` naming the nearest of ``choices`` and listing them (or where ``listing`` says they are)
+    when ``value`` is not one of them."""
+    choices = list(choices)
+    if value in choices:
+        return
+    close = difflib.get_close_matches(value, choices, n=1)
+    hint = f'did you mean {close[0]}? ' if close else ''
+    raise UserError(f'{flag} {value}: no such {what}; {hint}{listing or "choose one of " + ", ".join(choices)}')
 
 
 def check_model_kwargs(model_name: str, kwargs: dict):
@@ -281,12 +301,14 @@ def build_loaders(args: argparse.Namespace):
         _logger.info(f'--num_workers {args.num_workers}: this machine has {cpus} CPUs for this process; using {cpus}')
         args.num_workers = cpus
     loader_train = DataLoader(dataset_train, sampler=sampler_train, batch_size=args.batch_size,
-                              num_workers=args.num_workers, pin_memory=pin, drop_last=True)
+                              num_workers=args.num_workers, pin_memory=pin, drop_last=True,
+                              worker_init_fn=ignore_stop_signals)
     if len(loader_train) == 0 and not (args.eval or args.throughput):
         raise UserError(f'{len(sampler_train)} training images per process is less than one batch of '
                                f'{args.batch_size}; lower --batch-size')
     loader_val = DataLoader(dataset_val, sampler=sampler_val, batch_size=args.batch_size,
-                            num_workers=args.num_workers, pin_memory=pin, drop_last=False)
+                            num_workers=args.num_workers, pin_memory=pin, drop_last=False,
+                            worker_init_fn=ignore_stop_signals)
     _logger.info(f'data: {args.data_set}, {len(dataset_train)} train / {len(dataset_val)} val images, '
                  f'{args.nb_classes} classes')
     return loader_train, loader_val
@@ -328,36 +350,24 @@ def step_seeder(args: argparse.Namespace, epoch: int):
     return seed_step
 
 
-def main(args: argparse.Namespace):
+# ---------------------------------------------------------------------------------------------------------------------
+# The steps of main()
+
+def set_up(args: argparse.Namespace) -> Tuple[torch.device, Optional[torch.dtype]]:
+    """Check the command line, join the process group, seed; returns the device and the autocast dtype."""
     check_args(args)
     utils.init_distributed_mode(args)
     if not utils.is_main_process():
         logging.getLogger().setLevel(logging.WARNING)
     _logger.info(' '.join(sys.argv))
     device = torch.device(args.device)
-    amp_dtype = resolve_amp(args, device)
     utils.seed_all(args.seed + utils.get_rank())
     cudnn.benchmark = True
-    output_dir = Path(args.output_dir) if args.output_dir else None
-    resume = args.resume
-    if resume == 'auto':
-        resume = utils.find_resume_checkpoint(output_dir)
-        _logger.info(f'--resume auto: resuming from {resume}' if resume else
-                     f'--resume auto: no checkpoint in {output_dir}; starting fresh')
+    return device, resolve_amp(args, device)
 
-    if args.throughput:
-        args.nb_classes = 1000
-        loader_train = loader_val = None
-    else:
-        loader_train, loader_val = build_loaders(args)
 
-    mixup_fn = None
-    mixup_active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
-    if mixup_active and not (args.eval or args.throughput):
-        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                         label_smoothing=args.smoothing, num_classes=args.nb_classes)
-
+def build_model(args: argparse.Namespace, device: torch.device) -> Tuple[torch.nn.Module, Optional[ModelEmaV3]]:
+    """The model (``--finetune`` weights loaded) on ``device``, and its EMA with ``--model-ema``."""
     _logger.info(f'creating model {args.model}')
     model = create_model(args)
     if args.finetune:
@@ -367,28 +377,51 @@ def main(args: argparse.Namespace):
     if utils.is_main_process():
         _logger.info(f'{args.model}: {describe(model, args.input_size)}')
     model.to(device)
-
-    if args.throughput:
-        stats = throughput(compiled(model, args), device, args.batch_size, args.input_size, amp_dtype)
-        dtype = str(amp_dtype or torch.float32).replace('torch.', '')
-        _logger.info(f'throughput: {stats["images_per_s"]:.1f} images/s ({args.model}, batch {args.batch_size} at '
-                     f'{args.input_size}x{args.input_size}, device {device} '
-                     f'[{torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}], dtype {dtype}, '
-                     f'median of {stats["repeats"]} batches)')
-        return stats
-
     model_ema = None
-    if args.model_ema:
+    if args.model_ema and not args.throughput:
         model_ema = ModelEmaV3(model, decay=args.model_ema_decay,
                                device=torch.device('cpu') if args.model_ema_force_cpu else None)
+    return model, model_ema
 
+
+def measure_throughput(args: argparse.Namespace, model: torch.nn.Module, device: torch.device,
+                       amp_dtype: Optional[torch.dtype]) -> dict:
+    """``--throughput``: inference images/s on random input."""
+    stats = throughput(compiled(model, args), device, args.batch_size, args.input_size, amp_dtype)
+    dtype = str(amp_dtype or torch.float32).replace('torch.', '')
+    _logger.info(f'throughput: {stats["images_per_s"]:.1f} images/s ({args.model}, batch {args.batch_size} at '
+                 f'{args.input_size}x{args.input_size}, device {device} '
+                 f'[{torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}], dtype {dtype}, '
+                 f'median of {stats["repeats"]} batches)')
+    return stats
+
+
+@dataclasses.dataclass
+class Training:
+    """What the loop works with; ``model`` is the one to call (DDP, compiled), ``model_without_ddp`` the one saved."""
+    model: torch.nn.Module
+    model_without_ddp: torch.nn.Module
+    model_ema: Optional[ModelEmaV3]
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    lr_scheduler: Any
+    criterion: torch.nn.Module
+    mixup_fn: Optional[Mixup]
+    n_parameters: int
+    max_accuracy: float = -1.0  # the first evaluation is always a new best
+    start_step: int = 0  # micro-batches of args.start_epoch already trained (a checkpoint saved mid-epoch)
+
+
+def build_training(args: argparse.Namespace, model: torch.nn.Module, model_ema: Optional[ModelEmaV3],
+                   device: torch.device, amp_dtype: Optional[torch.dtype]) -> Training:
+    """DDP and ``--compile`` around the model, the lr scaled to the effective batch, optimizer, loss scaler,
+    scheduler, mixup and the loss."""
     model_without_ddp = model
     if args.distributed:
         model = DistributedDataParallel(model, device_ids=[args.gpu] if device.type == 'cuda' else None)
-        model_without_ddp = model.module
     n_parameters = count_params(model, trainable_only=True)
     # Compiled around DDP (its graph breaks at the gradient buckets); checkpoints come from model_without_ddp, so
-    # they hold the plain state dict. The EMA copy above stays eager.
+    # they hold the plain state dict. The EMA copy stays eager.
     model = compiled(model, args)
 
     world = utils.get_world_size()
@@ -404,140 +437,220 @@ def main(args: argparse.Namespace):
         opt_kwargs['fused'] = True  # one kernel over all parameters; the same update to float rounding
     optimizer = create_optimizer_v2(model_without_ddp, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
                                     momentum=args.momentum, **opt_kwargs)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     lr_scheduler, _ = create_scheduler_v2(optimizer, sched=args.sched, num_epochs=args.epochs,
                                           decay_epochs=args.decay_epochs, decay_rate=args.decay_rate,
                                           min_lr=args.min_lr, warmup_lr=args.warmup_lr,
                                           warmup_epochs=args.warmup_epochs)
-
+    mixup_fn = None
+    if args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None:
+        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                         label_smoothing=args.smoothing, num_classes=args.nb_classes)
     if mixup_fn is not None:
         criterion = SoftTargetCrossEntropy()  # smoothing is inside the mixed targets
     elif args.smoothing > 0.:
         criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
     else:
         criterion = torch.nn.CrossEntropyLoss()
+    return Training(model, model_without_ddp, model_ema, optimizer,
+                    torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16), lr_scheduler, criterion,
+                    mixup_fn, n_parameters)
 
-    max_accuracy = -1.0  # the first evaluation is always a new best
-    start_step = 0
-    if resume:
-        checkpoint = utils.load_checkpoint(resume)
-        utils.load_model_weights(model_without_ddp, scalablevit.unwrap_state_dict(checkpoint), resume)
-        if not args.eval and all(k in checkpoint for k in ('optimizer', 'lr_scheduler', 'epoch')):
-            optimizer.load_state_dict(checkpoint['optimizer'])
-            lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
-            args.start_epoch = checkpoint['epoch'] + 1
-            start_step = int(checkpoint.get('resume_step', 0))
-            if 'scaler' in checkpoint:
-                scaler.load_state_dict(checkpoint['scaler'])
-            max_accuracy = checkpoint.get('max_accuracy', -1.0)
-            where = f', step {start_step}' if start_step else ''
-            _logger.info(f'resumed {resume} at epoch {args.start_epoch}{where}')
-        if model_ema is not None:
-            if 'model_ema' in checkpoint:
-                utils.load_model_weights(model_ema.module, scalablevit.unwrap_state_dict(checkpoint['model_ema']),
-                                         f'{resume} (model_ema)')
-            else:
-                _logger.warning(f'{resume} has no model_ema; the EMA starts from the loaded weights')
-                model_ema.module.load_state_dict(model_without_ddp.state_dict())
 
-    global _started
-    _started = 'eval' if args.eval else 'train'
+def load_weights(path: str, model: torch.nn.Module, model_ema: Optional[ModelEmaV3]) -> Dict[str, Any]:
+    """``--resume`` / ``--eval``'s weights (and the EMA's) from ``path``, strictly; returns the checkpoint."""
+    checkpoint = utils.load_checkpoint(path)
+    utils.load_model_weights(model, scalablevit.unwrap_state_dict(checkpoint), path)
+    if model_ema is not None:
+        if 'model_ema' in checkpoint:
+            utils.load_model_weights(model_ema.module, scalablevit.unwrap_state_dict(checkpoint['model_ema']),
+                                     f'{path} (model_ema)')
+        else:
+            _logger.warning(f'{path} has no model_ema; the EMA starts from the loaded weights')
+            model_ema.module.load_state_dict(model.state_dict())
+    return checkpoint
+
+
+def resume_training(args: argparse.Namespace, training: Training, path: str):
+    """The weights, and the optimizer, scheduler, scaler, epoch and step of a training checkpoint (a weights-only
+    file resumes the weights alone)."""
+    checkpoint = load_weights(path, training.model_without_ddp, training.model_ema)
+    if not all(k in checkpoint for k in ('optimizer', 'lr_scheduler', 'epoch')):
+        return
+    training.optimizer.load_state_dict(checkpoint['optimizer'])
+    training.lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
+    args.start_epoch = checkpoint['epoch'] + 1
+    training.start_step = int(checkpoint.get('resume_step', 0))
+    if 'scaler' in checkpoint:
+        training.scaler.load_state_dict(checkpoint['scaler'])
+    training.max_accuracy = checkpoint.get('max_accuracy', -1.0)
+    where = f', step {training.start_step}' if training.start_step else ''
+    _logger.info(f'resumed {path} at epoch {args.start_epoch}{where}')
+
+
+def evaluate_only(args: argparse.Namespace, model: torch.nn.Module, model_ema: Optional[ModelEmaV3],
+                  loader_val: DataLoader, device: torch.device, amp_dtype: Optional[torch.dtype]) -> dict:
+    """``--eval``: top-1/top-5 of the model (and its EMA) on the validation set."""
     dist_eval = args.distributed and args.dist_eval
-    if args.eval:
+    model = compiled(model, args)
+    with met_by_this_process():
         test_stats = evaluate(loader_val, model, device, amp_dtype, dist_eval, args.print_freq)
         _logger.info(f'Accuracy of the network on the {test_stats["count"]} test images: {test_stats["acc1"]:.2f}%')
         if model_ema is not None:
             ema_stats = evaluate(loader_val, model_ema.module, device, amp_dtype, dist_eval, args.print_freq)
             _logger.info(f'Accuracy of the EMA on the {ema_stats["count"]} test images: {ema_stats["acc1"]:.2f}%')
-        return test_stats
+    return test_stats
 
-    def make_checkpoint(epoch: int, **extra) -> dict:
-        checkpoint = {
-            'model': model_without_ddp.state_dict(),
-            'optimizer': optimizer.state_dict(),
-            'lr_scheduler': utils.plain(lr_scheduler.state_dict()),
-            'scaler': scaler.state_dict(),
-            'epoch': epoch,
-            'max_accuracy': max_accuracy,
-            'args': utils.plain(vars(args)),
-            'meta': checkpoint_meta(args, loader_val.dataset),  # what predict.py needs
-            **extra,
-        }
-        if model_ema is not None:
-            checkpoint['model_ema'] = model_ema.module.state_dict()
-        return checkpoint
 
+def make_checkpoint(args: argparse.Namespace, training: Training, loader_val: DataLoader, epoch: int,
+                    **extra) -> dict:
+    """Everything resuming needs after ``epoch`` (``-1``: before the first), and what ``predict.py`` needs."""
+    checkpoint = {
+        'model': training.model_without_ddp.state_dict(),
+        'optimizer': training.optimizer.state_dict(),
+        'lr_scheduler': utils.plain(training.lr_scheduler.state_dict()),
+        'scaler': training.scaler.state_dict(),
+        'epoch': epoch,
+        'max_accuracy': training.max_accuracy,
+        'args': utils.plain(vars(args)),
+        'meta': checkpoint_meta(args, loader_val.dataset),
+        **extra,
+    }
+    if training.model_ema is not None:
+        checkpoint['model_ema'] = training.model_ema.module.state_dict()
+    return checkpoint
+
+
+def save_epoch(args: argparse.Namespace, training: Training, loader_val: DataLoader, epoch: int, is_best: bool,
+               log_stats: dict, output_dir: Path):
+    """After an epoch (main process): checkpoint.pth, checkpoint_best.pth, the ``--checkpoint-hist`` copies, a JSON
+    line in log.txt."""
+    path = output_dir / 'checkpoint.pth'
+    utils.save_checkpoint(make_checkpoint(args, training, loader_val, epoch), str(path))
+    if is_best:
+        utils.copy_checkpoint(path, output_dir / 'checkpoint_best.pth')
+    if args.checkpoint_hist:
+        utils.copy_checkpoint(path, output_dir / f'checkpoint-{epoch}.pth')
+        utils.prune_checkpoints(output_dir, args.checkpoint_hist)
+    utils.write_text(output_dir / 'log.txt', json.dumps(log_stats) + '\n')
+
+
+def train_and_evaluate_epoch(args: argparse.Namespace, training: Training, loaders: Tuple[DataLoader, DataLoader],
+                             epoch: int, device: torch.device, amp_dtype: Optional[torch.dtype],
+                             stop: StopOnSignal) -> Optional[dict]:
+    """One epoch and its evaluation; returns its log line, or ``None`` when a signal stopped it mid-epoch (then
+    ``stop.step`` is the micro-batches done)."""
+    loader_train, loader_val = loaders
+    # Seed per epoch (sampler order, loader workers) and per step (augmentation, mixup, dropout), so that a resumed
+    # run, even one resumed mid-epoch, draws the same numbers as an uninterrupted one.
+    utils.seed_all(args.seed + utils.get_rank() + 10007 * (epoch + 1))
+    if args.distributed:
+        loader_train.sampler.set_epoch(epoch)
+    train_stats = train_one_epoch(training.model, training.criterion, loader_train, training.optimizer, device, epoch,
+                                  training.scaler, amp_dtype, args.clip_grad, training.model_ema, training.mixup_fn,
+                                  args.print_freq, args.grad_accum_steps, training.start_step,
+                                  step_seeder(args, epoch), stop)
+    training.start_step = 0
+    if stop.step is not None:
+        return None
+    training.lr_scheduler.step(epoch)
+    dist_eval = args.distributed and args.dist_eval
+    test_stats = evaluate(loader_val, training.model, device, amp_dtype, dist_eval, args.print_freq)
+    _logger.info(f'Accuracy of the network on the {test_stats["count"]} test images: {test_stats["acc1"]:.2f}%')
+    log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
+                 **{f'test_{k}': v for k, v in test_stats.items()},
+                 'epoch': epoch, 'n_parameters': training.n_parameters}
+    if training.model_ema is not None:
+        ema_stats = evaluate(loader_val, training.model_ema.module, device, amp_dtype, dist_eval, args.print_freq)
+        _logger.info(f'Accuracy of the EMA on the {ema_stats["count"]} test images: {ema_stats["acc1"]:.2f}%')
+        log_stats.update({f'test_ema_{k}': v for k, v in ema_stats.items()})
+    return log_stats
+
+
+def train(args: argparse.Namespace, training: Training, loaders: Tuple[DataLoader, DataLoader],
+          device: torch.device, amp_dtype: Optional[torch.dtype], stop: StopOnSignal) -> dict:
+    """The epochs from ``args.start_epoch``; raises :class:`StoppedToResume` after saving when a signal came."""
+    output_dir = Path(args.output_dir) if args.output_dir else None
+    resume_hint = 'rerun with --resume auto to continue from there' if output_dir else '(no --output_dir: not saved)'
+    if stop.requested(device):
+        raise StoppedToResume(f'stopped by {stop.received} before training began; nothing new to save; run the '
+                              f'same command again')
     # As released (DeiT's loop): epoch e trains at the schedule's value for e - 1 (the scheduler steps to `epoch`
     # after each epoch, never before the first), so epochs 0 and 1 both run at the warm-up start.
-    lr_scheduler.step(max(args.start_epoch - 1, 0))
-    writer = None
-    test_stats = None
+    training.lr_scheduler.step(max(args.start_epoch - 1, 0))
+    writer = tensorboard_writer(output_dir) if args.tensorboard and output_dir and utils.is_main_process() else None
     _logger.info(f'training for {args.epochs - args.start_epoch} epochs')
-    start_time = time.time()
-    with StopOnSignal() as stop:
+    start_time, test_stats = time.time(), None
+    try:
         for epoch in range(args.start_epoch, args.epochs):
-            # Seed per epoch (sampler order, loader workers) and per step (augmentation, mixup, dropout), so that a
-            # resumed run, even one resumed mid-epoch, draws the same numbers as an uninterrupted one.
-            utils.seed_all(args.seed + utils.get_rank() + 10007 * (epoch + 1))
-            if args.distributed:
-                loader_train.sampler.set_epoch(epoch)
-            train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, scaler,
-                                          amp_dtype, args.clip_grad, model_ema, mixup_fn, args.print_freq,
-                                          args.grad_accum_steps, start_step, step_seeder(args, epoch), stop)
-            start_step = 0
-            if stop.step is not None:  # stopped by a signal after an optimizer step: save the exact place
-                path = output_dir / 'checkpoint.pth' if output_dir is not None else None
-                if path is not None:
-                    utils.save_checkpoint(make_checkpoint(epoch - 1, resume_step=stop.step), str(path))
-                _logger.warning(f'stopped by {stop.received} at epoch {epoch}, step {stop.step} of '
-                                f'{len(loader_train)}' + (f'; saved {path}; rerun with --resume auto to continue '
-                                                           f'from there' if path else ' (no --output_dir: not saved)'))
-                return dict(max_accuracy=max_accuracy, last=test_stats, model=model_without_ddp,
-                            stopped=(epoch, stop.step))
-            lr_scheduler.step(epoch)
-            test_stats = evaluate(loader_val, model, device, amp_dtype, dist_eval, args.print_freq)
-            _logger.info(f'Accuracy of the network on the {test_stats["count"]} test images: '
-                         f'{test_stats["acc1"]:.2f}%')
-            is_best = test_stats['acc1'] > max_accuracy
-            max_accuracy = max(max_accuracy, test_stats['acc1'])
-            _logger.info(f'Max accuracy: {max_accuracy:.2f}%')
-            log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
-                         **{f'test_{k}': v for k, v in test_stats.items()},
-                         'epoch': epoch, 'n_parameters': n_parameters}
-            if model_ema is not None:
-                ema_stats = evaluate(loader_val, model_ema.module, device, amp_dtype, dist_eval, args.print_freq)
-                _logger.info(f'Accuracy of the EMA on the {ema_stats["count"]} test images: '
-                             f'{ema_stats["acc1"]:.2f}%')
-                log_stats.update({f'test_ema_{k}': v for k, v in ema_stats.items()})
-
+            log_stats = train_and_evaluate_epoch(args, training, loaders, epoch, device, amp_dtype, stop)
+            if log_stats is None:  # stopped by a signal after an optimizer step: save the exact place
+                where = f'at epoch {epoch}, step {stop.step} of {len(loaders[0])}'
+                if output_dir is not None:
+                    path = output_dir / 'checkpoint.pth'
+                    utils.save_checkpoint(make_checkpoint(args, training, loaders[1], epoch - 1,
+                                                          resume_step=stop.step), str(path))
+                    where += f'; saved {path}'
+                raise StoppedToResume(f'stopped by {stop.received} {where}; {resume_hint}')
+            test_stats = {k[len('test_'):]: v for k, v in log_stats.items() if k.startswith('test_')
+                          and not k.startswith('test_ema_')}
+            is_best = test_stats['acc1'] > training.max_accuracy
+            training.max_accuracy = max(training.max_accuracy, test_stats['acc1'])
+            _logger.info(f'Max accuracy: {training.max_accuracy:.2f}%')
             if output_dir is not None and utils.is_main_process():
-                path = output_dir / 'checkpoint.pth'
-                utils.save_checkpoint(make_checkpoint(epoch), str(path))
-                if is_best:
-                    utils.copy_checkpoint(path, output_dir / 'checkpoint_best.pth')
-                if args.checkpoint_hist:
-                    utils.copy_checkpoint(path, output_dir / f'checkpoint-{epoch}.pth')
-                    utils.prune_checkpoints(output_dir, args.checkpoint_hist)
-                utils.write_text(output_dir / 'log.txt', json.dumps(log_stats) + '\n')
-                if args.tensorboard:
-                    writer = writer or tensorboard_writer(output_dir)
+                save_epoch(args, training, loaders[1], epoch, is_best, log_stats, output_dir)
+                if writer is not None:
                     for k, v in log_stats.items():
                         if k.startswith(('train_', 'test_')) and k != 'test_count':
                             writer.add_scalar(k.replace('_', '/', 1), v, epoch)
                     writer.flush()
             if epoch + 1 < args.epochs and stop.requested(device):
-                _logger.warning(f'stopped by {stop.received} after epoch {epoch}'
-                                + ('; rerun with --resume auto to continue' if output_dir is not None else ''))
-                if writer is not None:
-                    writer.close()
-                return dict(max_accuracy=max_accuracy, last=test_stats, model=model_without_ddp,
-                            stopped=(epoch + 1, 0))
-    if writer is not None:
-        writer.close()
-
+                saved = f'; saved {output_dir / "checkpoint.pth"}' if output_dir is not None else ''
+                raise StoppedToResume(f'stopped by {stop.received} after epoch {epoch}{saved}; {resume_hint}')
+    finally:
+        if writer is not None:
+            writer.close()
     total_time = datetime.timedelta(seconds=int(time.time() - start_time))
-    _logger.info(f'training time {total_time}; max accuracy {max_accuracy:.2f}%')
-    return dict(max_accuracy=max_accuracy, last=test_stats, model=model_without_ddp)
+    _logger.info(f'training time {total_time}; max accuracy {training.max_accuracy:.2f}%')
+    return dict(max_accuracy=training.max_accuracy, last=test_stats, model=training.model_without_ddp)
+
+
+def main(args: argparse.Namespace) -> dict:
+    """Train (the default), ``--eval`` or ``--throughput``, as DeiT's main: the steps above, in order.
+
+    Returns the throughput statistics, the evaluation's, or ``dict(max_accuracy, last, model)`` after training.
+    A stop on SIGTERM / SIGUSR1 saves what resuming needs and raises :class:`StoppedToResume`; problems with the
+    input raise :class:`UserError`. SIGTERM / SIGUSR1 are the stop handler's of the command (:func:`cli`) or, called
+    from Python, one of its own while it trains.
+    """
+    device, amp_dtype = set_up(args)
+    resume = utils.find_resume_checkpoint(Path(args.output_dir)) if args.resume == 'auto' else args.resume
+    if args.resume == 'auto':
+        _logger.info(f'--resume auto: resuming from {resume}' if resume else
+                     f'--resume auto: no checkpoint in {args.output_dir}; starting fresh')
+    if args.throughput:
+        args.nb_classes = 1000
+        model, _ = build_model(args, device)
+        return measure_throughput(args, model, device, amp_dtype)
+    loaders = build_loaders(args)
+    model, model_ema = build_model(args, device)
+    if args.eval:
+        if resume:
+            load_weights(resume, model, model_ema)
+        return evaluate_only(args, model, model_ema, loaders[1], device, amp_dtype)
+    training = build_training(args, model, model_ema, device, amp_dtype)
+    if resume:
+        resume_training(args, training, resume)
+    own = StopOnSignal.installed() is None
+    stop = StopOnSignal.installed() or StopOnSignal()
+    if own:
+        stop.install()
+    try:
+        with met_by_this_process():
+            return train(args, training, loaders, device, amp_dtype, stop)
+    finally:
+        if own:
+            stop.uninstall()
 
 
 def tensorboard_writer(output_dir: Path):
@@ -545,43 +658,15 @@ def tensorboard_writer(output_dir: Path):
     return SummaryWriter(log_dir=str(output_dir))
 
 
-def _is_comm_error(e: BaseException) -> bool:
-    """A collective that failed because another process is gone (it stopped on an error, or was killed)."""
-    if isinstance(e, getattr(torch.distributed, 'DistError', ())):
-        return True
-    text = str(e)
-    return isinstance(e, RuntimeError) and any(s in text for s in (
-        'Connection closed by peer', 'Connection reset by peer', 'Broken pipe', 'gloo', 'NCCL', 'ProcessGroup'))
-
-
 def cli(argv=None) -> int:
+    """``python main.py ...``: :func:`main` through :func:`scalablevit.cli.run_command` (one line and an exit
+    status for a user error, 75 after a stop on a signal)."""
     parser = argparse.ArgumentParser('ScalableViT training and evaluation', parents=[get_args_parser()])
     args = parser.parse_args(argv)
     rank = int(os.environ.get('RANK', os.environ.get('SLURM_PROCID', '0')))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout,
                         format='%(asctime)s %(message)s', datefmt='%H:%M:%S')
-    stopped = False
-    try:
-        result = main(args)
-        stopped = isinstance(result, dict) and bool(result.get('stopped'))
-        del result  # the model it holds keeps the process group: freed before the group goes
-    except (UserError, FloatingPointError) as e:
-        # Problems with the command line, the data set or a checkpoint are the same on every process: rank 0 says
-        # it. Problems met while training or evaluating (an unreadable image, a full disk) are said by the process
-        # that met them.
-        if rank == 0 or _started is not None:
-            print(f'error: {error_line(e)}', file=sys.stderr, flush=True)
-        return EXIT_ERROR
-    except (RuntimeError, OSError) as e:
-        if utils.get_world_size() > 1 and _is_comm_error(e):
-            print(f'error: process {rank} lost contact with the other processes ({type(e).__name__}): another '
-                  f'process stopped first; its error is above', file=sys.stderr, flush=True)
-            return 1
-        raise
-    finally:
-        release_process_group()
-    # stopped by SIGTERM / SIGUSR1 with its checkpoint written: the status a requeueing script tests for
-    return EXIT_STOPPED if stopped else 0
+    return run_command(lambda: main(args), training=not (args.eval or args.throughput))
 
 
 if __name__ == '__main__':

@@ -5,6 +5,9 @@ Your own COCO-format data: ``--data-root DIR --classes a,b,c`` (README, "Your ow
 
 Several processes: ``bash dist_train.sh configs/X.py GPUS``. Logs and checkpoints go to ``work_dirs/<config>/``.
 """
+if __name__ == '__main__':  # first: SIGTERM / SIGUSR1 wait for the stop handler (scalablevit.signals)
+    import signal
+    signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGTERM, signal.SIGUSR1))
 import os.path as osp
 import sys
 

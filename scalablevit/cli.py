@@ -4,15 +4,19 @@ import glob
 import importlib
 import os
 import shutil
-from typing import List, Sequence
+import sys
+import warnings
+from typing import Any, Callable, List, Sequence
 
 import timm.utils
 import torch
 
-from .errors import UserError, run_main
+from .errors import EXIT_ERROR, UserError, run_main
+from .signals import StopOnSignal, release_stop_signals
 
-__all__ = ['AMP_DTYPES', 'IMG_EXTENSIONS', 'ParseKwargs', 'check_compile', 'check_mm_stack', 'collect_images',
-           'release_process_group', 'run_mm_command']
+__all__ = ['AMP_DTYPES', 'IMG_EXTENSIONS', 'ParseKwargs', 'check_compile', 'check_device', 'check_mm_stack',
+           'collect_images',
+           'release_process_group', 'run_command', 'run_mm_command']
 
 #: ``--amp-dtype`` choices.
 AMP_DTYPES = {'float16': torch.float16, 'bfloat16': torch.bfloat16}
@@ -74,6 +78,7 @@ def collect_images(inputs: Sequence[str]) -> List[str]:
 
 def check_mm_stack() -> None:
     """A :class:`UserError` with the fix when the OpenMMLab stack is missing or mmcv has no compiled ops."""
+    warnings.filterwarnings('ignore', message='pkg_resources is deprecated as an API', category=UserWarning)  # see mm/
     try:
         import mmcv
         import mmengine  # noqa: F401
@@ -98,6 +103,25 @@ def check_compile(device_type: str = 'cpu') -> None:
     if not any(c and shutil.which(c) for c in candidates):
         raise UserError('--compile: torch.compile on CPU needs a C++ compiler (g++ or clang++; the CXX variable names '
                         'another); install one (e.g. apt install g++) or drop --compile')
+
+
+def check_device(flag: str, name: str) -> torch.device:
+    """``name`` as a device this machine has, else a :class:`UserError` naming the flag and what is here."""
+    here = 'cpu' + (f', cuda (0..{torch.cuda.device_count() - 1})' if torch.cuda.is_available() else '')
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f'{flag} {name}: not a device name; this machine has {here}') from None
+    if device.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise UserError(f'{flag} {name}: no CUDA device here (torch {torch.__version__}, '
+                            f'{"a CPU-only build" if torch.version.cuda is None else "no GPU visible"}); '
+                            f'use {flag} cpu')
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f'{flag} {name}: this machine has {here}')
+    elif device.type != 'cpu' and not getattr(torch, device.type).is_available():
+        raise UserError(f'{flag} {name}: no {device.type} device here; this machine has {here}')
+    return device
 
 
 # command -> (module of scalablevit.mm, function); each function takes (argv, task, task_dir)
@@ -128,10 +152,50 @@ def release_process_group() -> None:
     gc.collect()
 
 
+def _peer_lost(error: BaseException) -> bool:
+    """Whether ``error`` is a collective that failed because another process of the run is gone (it stopped on an
+    error, or was killed): torch's ``DistError``; gloo's transport raises a plain ``RuntimeError`` from its TCP pair
+    (torch 2.14), which only its source path tells apart."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    return isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and 'gloo/transport' in str(error))
+
+
+def run_command(main: Callable[[], Any], training: bool = False) -> int:
+    """The whole of a script's ``__main__``: run ``main`` through :func:`scalablevit.errors.run_main`, release the
+    process group, and return the exit status.
+
+    A training command (``training=True``) runs inside one :class:`scalablevit.signals.StopOnSignal` from here to
+    the process's exit: SIGTERM / SIGUSR1, held since the script's first line, are stop requests at any point (the
+    training loop saves and stops; before training has begun there is nothing to save and the command stops with
+    status 75 all the same); the handler stays until the process exits, so a signal after the run finished changes
+    nothing. Any other command releases them: a signal stops it the usual way.
+
+    A process whose collective failed because another one is gone says so in one line and exits with
+    :data:`~scalablevit.errors.EXIT_ERROR`; the other process's own line is the one that tells what happened.
+    """
+    if training:
+        StopOnSignal().install()
+    else:
+        release_stop_signals()
+    try:
+        status = run_main(main)
+    except (RuntimeError, OSError) as e:
+        if not _peer_lost(e):
+            raise
+        import torch.distributed as dist
+        print(f'error: process {dist.get_rank()} lost contact with the other processes ({type(e).__name__}): '
+              f'another process stopped first; its error is above', file=sys.stderr, flush=True)
+        status = EXIT_ERROR
+    release_process_group()
+    return status
+
+
 def run_mm_command(command: str, task: str, argv: Sequence[str], task_dir: str) -> int:
     """The whole of ``detection|segmentation/{train,test,predict,get_flops}.py``: check the OpenMMLab stack, run the
-    command of ``scalablevit.mm`` for ``task`` (``'detection'`` or ``'segmentation'``), release the process group,
-    and return the exit status (:func:`scalablevit.errors.run_main`)."""
+    command of ``scalablevit.mm`` for ``task`` (``'detection'`` or ``'segmentation'``) through :func:`run_command`,
+    and return the exit status."""
     module, name = _MM_COMMANDS[command]
 
     def main():
@@ -139,6 +203,4 @@ def run_mm_command(command: str, task: str, argv: Sequence[str], task_dir: str) 
         fn = getattr(importlib.import_module(f'scalablevit.mm.{module}'), name)
         fn(list(argv), task, task_dir)  # its result (a runner, metrics) is dropped here, before the release
 
-    status = run_main(main)
-    release_process_group()
-    return status
+    return run_command(main, training=command == 'train')

@@ -14,14 +14,15 @@ Exit statuses of the project's commands:
   error file. ``tools/torchrun.py`` prints that line once and exits 1 (75 for a stop); plain ``torchrun`` shows it
   in its failure report.
 """
+import contextlib
 import json
 import os
 import sys
 import time
 from typing import Any, Callable
 
-__all__ = ['EXIT_ERROR', 'EXIT_REPORTED', 'EXIT_STOPPED', 'StoppedToResume', 'UserError', 'error_line', 'report',
-           'run_main']
+__all__ = ['EXIT_ERROR', 'EXIT_REPORTED', 'EXIT_STOPPED', 'StoppedToResume', 'UserError', 'error_line',
+           'met_by_this_process', 'report', 'run_main']
 
 EXIT_ERROR = 1
 EXIT_REPORTED = 3
@@ -49,11 +50,24 @@ def error_line(error: BaseException) -> str:
     return text or type(error).__name__
 
 
-def report(line: str) -> None:
+@contextlib.contextmanager
+def met_by_this_process():
+    """Marks the :class:`UserError` raised inside as this process's own (an unreadable image met while training, a
+    full disk): unlike a wrong flag or data set, which every process meets alike and rank 0 alone reports, every
+    process that meets one reports it."""
+    try:
+        yield
+    except UserError as e:
+        e.own = True
+        raise
+
+
+def report(line: str, own: bool = False) -> None:
     """Show ``line`` once per command, whatever the number of processes.
 
     One process: stderr. Under ``torchrun``: the line goes into this worker's torchelastic error file (the launcher
-    reads it when the worker exits); the process of rank 0 also prints it unless ``tools/torchrun.py`` will.
+    reads it when the worker exits); the process of rank 0, or any process for a line of its ``own``
+    (:func:`met_by_this_process`), also prints it unless ``tools/torchrun.py`` will.
     """
     error_file = os.environ.get('TORCHELASTIC_ERROR_FILE')
     if error_file:
@@ -62,7 +76,7 @@ def report(line: str) -> None:
                 json.dump({'message': line, 'timestamp': int(time.time())}, f)
         except OSError:
             error_file = None  # print it instead
-    if not error_file or (os.environ.get(LAUNCHER_REPORTS) != '1' and os.environ.get('RANK', '0') == '0'):
+    if not error_file or (os.environ.get(LAUNCHER_REPORTS) != '1' and (own or os.environ.get('RANK', '0') == '0')):
         print(line, file=sys.stderr, flush=True)
 
 
@@ -77,7 +91,7 @@ def run_main(main: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
     try:
         main(*args, **kwargs)
     except UserError as e:
-        report(f'error: {error_line(e)}')
+        report(f'error: {error_line(e)}', own=getattr(e, 'own', False))
         return EXIT_REPORTED if _under_torchrun() else EXIT_ERROR
     except StoppedToResume as e:
         report(str(e))

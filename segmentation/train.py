@@ -4,6 +4,9 @@ Multi-GPU: ``bash dist_train.sh configs/X.py GPUS``. Without a GPU the same comm
 gloo). Your own data: ``--data-root DIR --classes a,b,c`` (README, "Your own data set"); from scratch:
 ``--no-pretrained``.
 """
+if __name__ == '__main__':  # first: SIGTERM / SIGUSR1 wait for the stop handler (scalablevit.signals)
+    import signal
+    signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGTERM, signal.SIGUSR1))
 import os.path as osp
 import sys
 

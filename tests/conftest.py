@@ -1,9 +1,12 @@
-"""Shared test fixtures: reference outputs of the released code, the tiny architecture, a free port."""
+"""Shared test fixtures: reference outputs of the released code, the tiny architecture, a free port, and signals
+sent the way SLURM sends them."""
 import importlib.util
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
+from typing import List
 
 import pytest
 import torch
@@ -98,3 +101,48 @@ def cls(cls_dir):
         torch.set_num_threads(threads)
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Signals
+
+
+def job_pids(root: int) -> List[int]:
+    """``root`` and every process below it (its children, their DataLoader workers, ...), from /proc."""
+    children = {}
+    for entry in os.listdir('/proc'):
+        if entry.isdigit():
+            try:
+                stat = Path(f'/proc/{entry}/stat').read_text()
+            except OSError:
+                continue
+            children.setdefault(int(stat.rsplit(')', 1)[1].split()[1]), []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += children.get(pid, [])
+    return found
+
+
+def signal_job(root: int, sig: int) -> List[int]:
+    """``sig`` to every process of the job under ``root``, as SLURM signals a job step (torchrun's workers run in
+    sessions of their own, so a process group is not enough); returns the pids signalled."""
+    pids = job_pids(root)
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+    return pids
+
+
+@pytest.fixture(autouse=True)
+def _stop_signals_restored():
+    """Every test leaves SIGTERM / SIGUSR1 as it found them (handlers and the thread's signal mask)."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    yield
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)

@@ -17,16 +17,27 @@ class SignalAtIterHook(Hook):
 
     priority = 'NORMAL'  # before PreemptionHook (LOWEST) in the same iteration
 
-    def __init__(self, iteration: int, rank: int = 0, sig: str = 'SIGTERM', twice: bool = False):
-        self.iteration, self.rank, self.sig, self.twice = iteration, rank, getattr(signal, sig), twice
+    def __init__(self, iteration: int, rank: int = 0, sig: str = 'SIGTERM', twice: bool = False, job: bool = False):
+        self.iteration, self.rank, self.sig, self.twice, self.job = iteration, rank, getattr(signal, sig), twice, job
+
+    def _send(self, runner):
+        if not self.job:
+            os.kill(os.getpid(), self.sig)
+            return
+        # SLURM's way: every process of the job, from the launcher (tools/torchrun.py) down to the loader workers
+        from conftest import signal_job
+        root = os.getppid() if 'TORCHELASTIC_RUN_ID' in os.environ else os.getpid()
+        pids = signal_job(root, self.sig)
+        with open(os.path.join(runner.work_dir, 'signalled.txt'), 'a') as f:
+            f.write(f'{len(pids)}\n')
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
         if runner.iter + 1 == self.iteration and get_rank() == self.rank:
-            os.kill(os.getpid(), self.sig)
+            self._send(runner)
 
     def before_save_checkpoint(self, runner, checkpoint):
         if self.twice and checkpoint['meta'].get('preemption'):  # a second notice while the checkpoint is written
-            os.kill(os.getpid(), self.sig)
+            self._send(runner)
 
 
 @HOOKS.register_module()

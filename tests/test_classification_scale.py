@@ -2,16 +2,23 @@
 resumes, ``--resume auto`` and ``--checkpoint-hist``, a stop on SIGTERM/SIGUSR1 resumed exactly mid-epoch, and the
 same weights from 2 nodes x 1 process as from 1 node x 2 processes (gloo, one machine)."""
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import List, Tuple
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from test_classification import CLS_DIR, DIGITS, NO_MIX, TINY, parse, read_log, signal_during  # noqa: F401
+
+from scalablevit.errors import EXIT_STOPPED, StoppedToResume
+
+from conftest import REPO, signal_job
 
 TINY_MODEL = dict(embed_dims=(16, 32), num_heads=(1, 2), depths=(2, 2), sr_ratios=(2, 1), c_ratios=(1, 1),
                   wss=(4, 2), mlp_ratios=(2, 2), mlp_head=False)
@@ -145,8 +152,9 @@ def test_released_lr_sequence_and_resume_auto(cls, tmp_path):
 
     cls.evaluate = evaluate_then_sigterm
     try:
-        cls.main(parse(cls, [*common, '--output_dir', part, '--resume', 'auto', '--checkpoint-hist', '2',
-                             '--tensorboard']))
+        with pytest.raises(StoppedToResume, match=f'stopped by SIGTERM after epoch 1; saved {part}/checkpoint.pth'):
+            cls.main(parse(cls, [*common, '--output_dir', part, '--resume', 'auto', '--checkpoint-hist', '2',
+                                 '--tensorboard']))
     finally:
         cls.evaluate = real_evaluate
     assert [e['epoch'] for e in read_log(part / 'log.txt')] == [0, 1]
@@ -176,9 +184,10 @@ def test_signal_stops_after_the_step_and_resumes_exactly(cls, tmp_path, monkeypa
     common = [*FOLDER_ARGS, '--data-path', tmp_path / 'data', '--epochs', '2', '--num_workers', '1']
     full = cls.main(parse(cls, [*common, '--output_dir', tmp_path / 'full']))['model'].state_dict()
 
-    with signal_during(cls, epoch=1, forward=3):
-        result = cls.main(parse(cls, [*common, '--output_dir', tmp_path / 'part']))
-    assert result['stopped'] == (1, 3)  # epoch 1, three of its six steps done
+    with signal_during(cls, epoch=1, forward=3), pytest.raises(StoppedToResume) as stopped:
+        cls.main(parse(cls, [*common, '--output_dir', tmp_path / 'part']))
+    assert str(stopped.value) == (f'stopped by SIGUSR1 at epoch 1, step 3 of 6; saved {tmp_path}/part/checkpoint.pth; '
+                                  f'rerun with --resume auto to continue from there')  # three of its six steps done
     ckpt = torch.load(tmp_path / 'part' / 'checkpoint.pth', weights_only=True)
     assert (ckpt['epoch'], ckpt['resume_step']) == (0, 3)
     assert len(read_log(tmp_path / 'part' / 'log.txt')) == 1
@@ -243,38 +252,95 @@ def test_launch_two_epochs_and_two_nodes_give_the_same_weights(tmp_path, free_po
         [e['train_loss'] for e in read_log(one / 'log.txt')]
 
 
+def _start(cmd, env=None):
+    env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1', **(env or {}))
+    env.pop('RANK', None), env.pop('WORLD_SIZE', None)
+    return subprocess.Popen(cmd, cwd=CLS_DIR, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)  # a process group of its own, as a job step has
+
+
+def _signal_at(p, marker: str, sig) -> Tuple[List[str], List[int]]:
+    """Read ``p``'s stdout until a line contains ``marker``, then signal every process of the job (SLURM's way);
+    returns the lines read and the pids that got the signal."""
+    lines = []
+    for line in p.stdout:
+        lines.append(line)
+        if marker in line:
+            return lines, signal_job(p.pid, sig)
+    raise AssertionError(f'{marker!r} never came: {"".join(lines)[-3000:]}{p.stderr.read()[-3000:]}')
+
+
+DIGITS_JOB = [sys.executable, 'main.py', *TINY, *DIGITS[:-2], '--print-freq', '5', *NO_MIX, '--epochs', '2',
+              '--num_workers', '2']
+
+
+def test_signal_to_the_whole_job_with_loader_workers_resumes_exactly(tmp_path):
+    """SIGUSR1 to every process of a one-process run with two loader workers (SLURM's --signal=USR1@120), in the
+    middle of epoch 1: the workers ignore it, the main process finishes its step, saves the place and exits with
+    75 and one line; --resume auto ends with the weights of a run that never stopped. A SIGTERM to the job while it
+    is still starting (importing torch, reading the data) stops it with 75 too, before anything is saved."""
+    full = subprocess.run([*DIGITS_JOB, '--output_dir', tmp_path / 'full'], cwd=CLS_DIR, capture_output=True,
+                          text=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    part = tmp_path / 'part'
+    p = _start([*map(str, DIGITS_JOB), '--output_dir', str(part)])
+    _, pids = _signal_at(p, 'Epoch: [1] [ 5/', signal.SIGUSR1)
+    out, err = p.communicate(timeout=300)
+    assert len(pids) == 3, pids  # the main process and its two workers, all alive at the signal
+    assert p.returncode == EXIT_STOPPED, err[-3000:]
+    line = err.strip().splitlines()[-1]
+    assert re.fullmatch(rf'stopped by SIGUSR1 at epoch 1, step \d+ of 22; saved {part}/checkpoint.pth; rerun with '
+                        r'--resume auto to continue from there', line), err[-3000:]
+    assert 'Traceback' not in err and 'killed by signal' not in err
+    step = torch.load(part / 'checkpoint.pth', weights_only=True)['resume_step']
+    assert f'step {step} of 22' in line and step >= 6
+
+    r = subprocess.run([*DIGITS_JOB, '--output_dir', part, '--resume', 'auto'], cwd=CLS_DIR, capture_output=True,
+                       text=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = torch.load(part / 'checkpoint.pth', weights_only=True)['model']
+    want = torch.load(tmp_path / 'full' / 'checkpoint.pth', weights_only=True)['model']
+    assert [k for k in want if not torch.equal(got[k], want[k])] == []
+
+    for delay in (0.2, 2.0):  # importing torch; building the data and the model
+        p = _start([*map(str, DIGITS_JOB), '--output_dir', str(tmp_path / f'early{delay}')])
+        time.sleep(delay)
+        signal_job(p.pid, signal.SIGTERM)
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == EXIT_STOPPED, err[-3000:]
+        assert err.strip().splitlines()[-1] == ('stopped by SIGTERM before training began; nothing new to save; run '
+                                                'the same command again'), err[-3000:]
+        assert not (tmp_path / f'early{delay}').exists()
+
+
 @pytest.mark.slow
-def test_sigterm_to_torchrun_stops_every_rank_after_the_same_step(tmp_path, free_port):
-    """SLURM's preemption as torchrun sees it: SIGTERM to the launcher, which forwards it to both processes. They
-    agree on a step, rank 0 writes checkpoint.pth with that place, both exit cleanly; --resume auto finishes."""
+def test_signal_to_every_process_of_a_two_process_job(tmp_path, free_port):
+    """SLURM's preemption of a two-process job launched by tools/torchrun.py: SIGTERM to every process (the
+    launcher, both ranks, their loader workers) mid-epoch. The ranks agree on a step, rank 0 writes checkpoint.pth
+    with that place, the job ends with 75 and one line; --resume auto finishes the epoch."""
     make_folder(tmp_path / 'data', per_class=16)
     out = tmp_path / 'out'
-    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port}']
-    argv = [*FOLDER_ARGS, '--data-path', tmp_path / 'data', '--epochs', '1', '--batch-size', '2', '--print-freq', '1',
-            '--output_dir', out]
-    env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')
-    env.pop('RANK', None), env.pop('WORLD_SIZE', None)
-    p = subprocess.Popen([*torchrun, 'main.py', *map(str, argv)], cwd=CLS_DIR, env=env, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    lines = []
-    for line in p.stdout:  # wait until the second step has been logged, then preempt
-        lines.append(line)
-        if 'Epoch: [0] [ 1/12]' in line:
-            p.send_signal(signal.SIGTERM)
-            break
-    lines += p.stdout.readlines()
-    p.wait(timeout=120)
-    text = ''.join(lines)
-    stops = [line for line in lines if 'stopped by SIGTERM at epoch 0, step' in line]
-    assert len(stops) == 2, text[-3000:]  # both processes, the same step
-    assert len({line.split('stopped by')[1] for line in stops}) == 1, stops
+    launcher = [sys.executable, str(REPO / 'tools' / 'torchrun.py'), '--nproc_per_node=2',
+                f'--master_port={free_port}', 'main.py']
+    argv = [*FOLDER_ARGS[:-5], '--num_workers', '2', '--print-freq', '1', '--warmup-epochs', '2', '--lr', '1e-3',
+            '--unscale-lr', '--data-path', tmp_path / 'data', '--epochs', '1', '--batch-size', '2', '--output_dir', out]
+    p = _start([*launcher, *map(str, argv)])
+    _, pids = _signal_at(p, 'Epoch: [0] [ 1/12]', signal.SIGTERM)
+    stdout, err = p.communicate(timeout=300)
+    assert len(pids) >= 7, pids  # launcher, 2 ranks, 2 x 2 workers
+    assert p.returncode == EXIT_STOPPED, err[-3000:]
+    stops = [line for line in err.splitlines() if line.startswith('stopped by')]
+    assert len(stops) == 1 and re.fullmatch(rf'stopped by SIGTERM at epoch 0, step \d+ of 12; saved {out}/'
+                                            r'checkpoint.pth; rerun with --resume auto to continue from there',
+                                            stops[0]), err[-3000:]
+    assert 'Traceback' not in err and 'killed by signal' not in err, err[-3000:]
     ckpt = torch.load(out / 'checkpoint.pth', weights_only=True)
     step = ckpt['resume_step']
     assert ckpt['epoch'] == -1 and 2 <= step < 12 and f'step {step} of 12' in stops[0]
-    assert 'Traceback' not in text.split('Sending process')[0]  # none from our processes
 
-    r = subprocess.run([*torchrun, 'main.py', *map(str, argv), '--resume', 'auto'], cwd=CLS_DIR, env=env, text=True,
-                       capture_output=True, timeout=600)
+    r = subprocess.run([*launcher, *map(str, argv), '--resume', 'auto'], cwd=CLS_DIR, text=True,
+                       capture_output=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert f'resumed {out}/checkpoint.pth at epoch 0, step {step}' in r.stdout
     assert [e['epoch'] for e in read_log(out / 'log.txt')] == [0]

@@ -6,16 +6,18 @@ Mask R-CNN, Semantic FPN and UperNet, in one process and in two over gloo.
 """
 import os
 import os.path as osp
-import re
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
-import scalablevit.mm  # noqa: F401  (mmengine checkpoints under weights_only=True)
 from scalablevit.errors import EXIT_STOPPED
+from scalablevit.mm.checkpoint import load_mm_checkpoint
+
+from conftest import signal_job
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TESTS = osp.join(ROOT, 'tests')
@@ -38,9 +40,12 @@ def data(tmp_path_factory, load_script):
                 seg=make_tiny_ade(str(root / 'ade'), size=64, num_train=4, num_val=1))
 
 
-def _config(tmp_path, model: str, data: dict, nproc: int, hooks=()) -> str:
-    """The tiny config on the test data: no validation, a checkpoint per epoch (detection) or at the end."""
+def _config(tmp_path, model: str, data: dict, nproc: int, hooks=(), workers: int = 0, persistent: bool = False,
+            name: str = '') -> str:
+    """The tiny config on the test data: no validation, a checkpoint per epoch (detection) or at the end;
+    ``workers`` loader processes per rank."""
     folder, config = MODELS[model]
+    loader = f'num_workers={workers}, persistent_workers={persistent}, '
     det = folder == DET
     hooks = [dict(type='PreemptionHook'), dict(type='DumpWeightsHook'), *hooks]
     lines = [f'_base_ = {osp.join(folder, config)!r}',
@@ -49,16 +54,16 @@ def _config(tmp_path, model: str, data: dict, nproc: int, hooks=()) -> str:
              'val_cfg = None', 'val_dataloader = None', 'val_evaluator = None']
     if det:
         epochs = ITERS * 2 * nproc // 8  # 8 images, 2 a batch
-        lines += [f"train_dataloader = dict(dataset=dict(data_root={osp.join(data['det'], '')!r}))",
+        lines += [f"train_dataloader = dict({loader}dataset=dict(data_root={osp.join(data['det'], '')!r}))",
                   f'train_cfg = dict(max_epochs={epochs}, val_interval=100)',
                   'default_hooks = dict(checkpoint=dict(interval=1, max_keep_ckpts=5), logger=dict(interval=1))']
     else:
-        lines += [f"train_dataloader = dict(dataset=dict(data_root={data['seg']!r}))",
+        lines += [f"train_dataloader = dict({loader}dataset=dict(data_root={data['seg']!r}))",
                   f'train_cfg = dict(max_iters={ITERS}, val_interval=100)',
                   f'param_scheduler = [dict(type="PolyLR", eta_min=0.0, power=0.9, begin=0, end={ITERS}, '
                   'by_epoch=False)]',
                   f'default_hooks = dict(checkpoint=dict(interval={ITERS}), logger=dict(interval=1))']
-    path = tmp_path / f'{model}_{nproc}.py'
+    path = tmp_path / f'{model}_{nproc}{name}.py'
     path.write_text('\n'.join(lines) + '\n')
     return str(path)
 
@@ -118,7 +123,7 @@ def test_sigterm_mid_epoch_then_resume_trains_the_same_weights(model, nproc, dat
         assert f'epoch {epoch + 1} of {ITERS // per_epoch}, iteration {inner} of {per_epoch}' in line, line
     else:
         assert f'iteration {stop_at} of {ITERS}' in line
-    saved = torch.load(ckpt, weights_only=True)
+    saved = load_mm_checkpoint(ckpt)
     assert saved['meta']['iter'] == stop_at and {'state_dict', 'optimizer', 'param_schedulers'} <= set(saved)
     assert saved['meta']['preemption']['signal'] == 'SIGTERM' and saved['meta']['preemption']['rng'] is not None
     assert open(osp.join(work, 'last_checkpoint')).read() == ckpt
@@ -157,7 +162,7 @@ def test_signal_during_validation_stops_after_it_and_resumes_at_the_next_epoch(d
     assert _stopped_line(err) == (f'stopped by SIGTERM after epoch 1 of 2 and its validation; saved {ckpt}; run '
                                   'the same command with --resume to continue')
     assert 'coco/bbox_mAP' in out and 'Epoch(train) [2]' not in out  # the validation ran to its metrics
-    saved = torch.load(ckpt, weights_only=True)
+    saved = load_mm_checkpoint(ckpt)
     assert (saved['meta']['epoch'], saved['meta']['iter']) == (1, 4)
     assert saved['meta']['preemption']['signal'] == 'SIGTERM'
 
@@ -170,24 +175,54 @@ def test_signal_during_validation_stops_after_it_and_resumes_at_the_next_epoch(d
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_launcher_reaches_every_process(data, tmp_path):
-    """SIGTERM to ``dist_train.sh`` (tools/torchrun.py): passed on to both processes, which stop after the same
-    iteration; one line, exit status 75; ``--resume`` finishes."""
-    config = _config(tmp_path, 'retinanet', data, 2)
-    work = tmp_path / 'work'
-    p = subprocess.Popen(['bash', 'dist_train.sh', config, '2', '--work-dir', str(work)], cwd=DET, env=_env(),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in p.stdout:  # the first iteration done: preempt
-        if re.search(r'Epoch\(train\) \[1\]\[1/2\]', line):
-            p.send_signal(signal.SIGTERM)
-            break
-    out, err = p.communicate(timeout=300)
-    assert p.returncode == EXIT_STOPPED, out[-4000:] + err[-4000:]
-    line = _stopped_line(err)
-    stop_at = int(re.search(r'iter_(\d+)\.pth', line).group(1))
-    assert 1 <= stop_at < ITERS and 'Traceback' not in err
-    rc, out, err = _train('retinanet', config, work, 2, '--resume')
-    assert rc == 0 and 'Epoch(train) [2][2/2]' in out, out[-4000:] + err[-4000:]
+@pytest.mark.parametrize('model,nproc,workers,persistent', [('retinanet', 1, 2, True), ('fpn', 1, 2, False),
+                                                             ('upernet', 2, 2, True)])
+def test_signal_to_the_whole_job_with_loader_workers_resumes_exactly(model, nproc, workers, persistent, data,
+                                                                      tmp_path):
+    """SIGTERM to every process of the job (SLURM's way: the launcher, each rank and its loader workers, persistent
+    or not), in the middle of the run and again while the checkpoint is written: the workers ignore it, the ranks
+    agree on an iteration, one checkpoint, exit status 75 and one line; ``--resume`` ends with the weights of a run
+    that never stopped (each sample's augmentation is seeded from its place in the run, not by the worker)."""
+    kw = dict(workers=workers, persistent=persistent)
+    rc, out, err = _train(model, _config(tmp_path, model, data, nproc, **kw), tmp_path / 'plain', nproc)
+    assert rc == 0, out[-4000:] + err[-4000:]
+    reference = _weights(tmp_path / 'plain', nproc)
+
+    stop_at = 1 if nproc == 2 else 3
+    hook = dict(type='SignalAtIterHook', iteration=stop_at, twice=True, job=True)
+    config = _config(tmp_path, model, data, nproc, [hook], name='stopped', **kw)
+    work = tmp_path / 'stopped'
+    rc, out, err = _train(model, config, work, nproc)
+    assert rc == EXIT_STOPPED, out[-4000:] + err[-4000:]
+    signalled = [int(n) for n in open(work / 'signalled.txt').read().split()]
+    assert signalled[0] >= 1 + nproc * (1 + workers) - (nproc == 1), signalled  # workers alive at the signal
+    ckpt = osp.join(work, f'iter_{stop_at}.pth')
+    assert _stopped_line(err).startswith('stopped by SIGTERM after ') and f'saved {ckpt}' in err
+    assert 'Traceback' not in err and 'killed by signal' not in err, err[-4000:]
+
+    rc, out, err = _train(model, config, work, nproc, '--resume')
+    assert rc == 0, out[-4000:] + err[-4000:]
+    for r, (got, want) in enumerate(zip(_weights(work, nproc), reference)):
+        _assert_same(got, want, f'{model}, {nproc} processes, {workers} workers (persistent: {persistent}), rank {r}')
+
+
+def test_signal_while_the_job_starts_stops_it_with_75(data, tmp_path):
+    """SIGTERM to the whole of ``dist_train.sh`` while it starts (the checks, importing torch in each process):
+    nothing is trained, nothing is saved, exit status 75 and one line: a requeueing script runs it again."""
+    config = _config(tmp_path, 'retinanet', data, 1)
+    for delay in (0.5, 4.0):
+        work = tmp_path / f'work{delay}'
+        p = subprocess.Popen(['bash', 'dist_train.sh', config, '2', '--work-dir', str(work)], cwd=DET, env=_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        time.sleep(delay)
+        signal_job(p.pid, signal.SIGTERM)
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == EXIT_STOPPED, out[-4000:] + err[-4000:]
+        line = _stopped_line(err)
+        assert line in ('stopped by SIGTERM before the processes started; nothing to save; run the same command '
+                        'again', 'stopped by SIGTERM before training began; nothing new to save; run the same '
+                        'command again'), err[-4000:]
+        assert not [n for n in (os.listdir(work) if osp.isdir(work) else []) if n.endswith('.pth')]
 
 
 @pytest.mark.slow
@@ -203,7 +238,7 @@ def test_full_disk_leaves_the_previous_checkpoint_and_one_line(data, tmp_path):
     assert 'Traceback' not in err
     names = sorted(os.listdir(work))
     assert 'epoch_1.pth' in names and 'epoch_2.pth' not in names and not [n for n in names if '.tmp.' in n]
-    assert torch.load(work / 'epoch_1.pth', weights_only=True)['meta']['epoch'] == 1
+    assert load_mm_checkpoint(work / 'epoch_1.pth')['meta']['epoch'] == 1
     assert open(work / 'last_checkpoint').read() == str(work / 'epoch_1.pth')
 
 

@@ -26,8 +26,19 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$REPO":$PYTHONPATH
 export PYTHONFAULTHANDLER=${PYTHONFAULTHANDLER:-1}  # a process that crashes prints its Python stack
 # The start-up checks (command line, config, data, checkpoint) run once, in one process, before any is started:
-# a problem is one line, not one per process.
-python "$SCRIPT" "${@:3}" --preflight || exit $?
+# a problem is one line, not one per process. A SIGTERM / SIGUSR1 meanwhile (SLURM signals the whole job) ends the
+# command with the requeue status 75 before anything starts; from tools/torchrun.py on, the processes handle it.
+stop=
+trap 'stop=SIGTERM' TERM
+trap 'stop=SIGUSR1' USR1
+status=0
+python "$SCRIPT" "${@:3}" --preflight || status=$?
+if [ -n "$stop" ]; then
+    echo "stopped by $stop before the processes started; nothing to save; run the same command again" >&2
+    exit 75
+fi
+[ "$status" = 0 ] || exit "$status"
+trap - TERM USR1
 SCALABLEVIT_PREFLIGHT_DONE=1 \
 exec python "$REPO/tools/torchrun.py" \
     --nnodes="$NNODES" \

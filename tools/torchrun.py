@@ -9,19 +9,26 @@
   line naming the process and its exit status (its traceback is above, printed by the process itself).
 * SIGTERM and SIGUSR1 (SLURM's notice before a preemption or the time limit) are passed on to the workers, which
   save a checkpoint and stop together; torchrun alone would die of SIGUSR1, and on SIGTERM kill the workers
-  30 seconds later whatever they are doing.
+  30 seconds later whatever they are doing. The two signals are held (blocked) from this file's first statement
+  and taken by a thread of their own (``sigwait``), so the workers start with them held too: a signal that
+  arrives while a worker imports torch waits for its stop handler (:mod:`scalablevit.signals`) instead of killing
+  it.
 """
-import logging
-import os
-import signal
-import sys
-from pathlib import Path
+import signal  # isort: skip
+
+FORWARDED = (signal.SIGTERM, signal.SIGUSR1)
+if __name__ == '__main__':  # first: held in every thread and process started from here on
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+
+import logging  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `scalablevit`
 
 from scalablevit.errors import EXIT_ERROR, EXIT_REPORTED, EXIT_STOPPED, LAUNCHER_REPORTS  # noqa: E402
-
-FORWARDED = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def _children():
@@ -40,12 +47,15 @@ def _children():
     return pids
 
 
-def _forward(signum, frame):
-    for pid in _children():
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
+def _forward_forever():
+    """The signal thread: each SIGTERM / SIGUSR1 this process gets is passed on to the workers."""
+    while True:
+        signum = signal.sigwait(FORWARDED)
+        for pid in _children():
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
 
 
 def main(argv=None) -> int:
@@ -54,8 +64,8 @@ def main(argv=None) -> int:
 
     logging.getLogger('torch.distributed.elastic').setLevel(logging.CRITICAL)
     os.environ[LAUNCHER_REPORTS] = '1'  # the workers leave the printing to this process
-    for sig in FORWARDED:
-        signal.signal(sig, _forward)
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)  # (again, for a call from Python)
+    threading.Thread(target=_forward_forever, name='forward-signals', daemon=True).start()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         torchrun(['--signals-to-handle=SIGINT,SIGHUP,SIGQUIT'] + argv)  # SIGTERM / SIGUSR1 stay ours

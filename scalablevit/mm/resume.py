@@ -6,18 +6,19 @@
   epoch and iteration, the random states) and points ``last_checkpoint`` at it, and the run ends with
   :class:`scalablevit.errors.StoppedToResume`: one line, exit status 75 from our scripts.
 * :class:`ResumableEpochBasedTrainLoop` / :class:`ResumableIterBasedTrainLoop`: mmengine's loops, except that a
-  resumed run continues at the iteration it stopped at, also in the middle of an epoch: the batches already
-  trained on are skipped in the sampler (no image is read for them) and none is left out; the random states of a
-  :class:`PreemptionHook` checkpoint are restored just before the first batch is drawn, so with ``num_workers=0``
-  the resumed run trains the same weights as one that never stopped. (With worker processes, which restart, the
-  batches are the same and their augmentations are drawn anew.)
+  resumed run continues at the iteration it stopped at, also in the middle of an epoch, and trains what the run
+  that never stopped would have trained: the batches already trained on are skipped in the sampler (no image is
+  read for them, none is left out); each sample's augmentation is seeded from its place in the run
+  (:class:`ResumableBatchSampler`, :class:`SeededPipeline`), so it does not depend on which worker process loads
+  it, with 0, 2 or persistent workers; and the random states of a :class:`PreemptionHook` checkpoint are restored
+  just before the first batch is drawn.
 * :func:`find_resume_checkpoint`: ``--resume`` without a file takes the newest checkpoint of the work dir that can
   be read, and says so in one line when the newest cannot.
 
 Atomic checkpoint files (every write of mmengine's, and the ``last_checkpoint`` pointer) are the patch 4 of
 :mod:`scalablevit.mm.compat`.
 """
-import contextlib
+import copy
 import itertools
 import logging
 import os
@@ -28,18 +29,20 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 from mmengine.dist import all_gather_object, barrier, get_comm_device, get_rank, get_world_size, is_main_process
-from mmengine.hooks import Hook
+from mmengine.hooks import CheckpointHook, Hook
 from mmengine.logging import print_log
-from mmengine.registry import HOOKS, LOOPS
+from mmengine.registry import DATA_SAMPLERS, HOOKS, LOOPS
 from mmengine.runner import EpochBasedTrainLoop, IterBasedTrainLoop
-from mmengine.runner.loops import _InfiniteDataloaderIterator
+from torch.utils.data import BatchSampler
 
-from ..checkpoint import atomic_write
-from ..errors import StoppedToResume
-from ..signals import StopOnSignal
+from ..checkpoint import CheckpointError, atomic_write
+from ..errors import StoppedToResume, UserError
+from ..signals import StopOnSignal, guard_loader_workers
+from .checkpoint import load_mm_checkpoint
 
-__all__ = ['PreemptionHook', 'ResumableEpochBasedTrainLoop', 'ResumableIterBasedTrainLoop', 'find_resume_checkpoint',
-           'get_rng_state', 'set_rng_state']
+__all__ = ['CheckpointHookWriteFirst', 'PreemptionHook', 'ResumableBatchSampler', 'ResumableEpochBasedTrainLoop',
+           'ResumableIterBasedTrainLoop', 'SeededIndex', 'SeededPipeline', 'find_resume_checkpoint', 'get_rng_state',
+           'set_rng_state']
 
 #: Loops of mmengine and their resumable forms (``scalablevit.mm.runner`` swaps them in a config).
 RESUMABLE_LOOPS = {'EpochBasedTrainLoop': 'ResumableEpochBasedTrainLoop',
@@ -72,45 +75,158 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Skipping batches without reading them
+# Batches that can be skipped without reading them, and samples whose augmentation does not depend on the worker
 
-class _SkipBatches:
-    """A batch sampler that leaves out the first ``skip`` batches of another (their indices are drawn, so the order
-    of the rest is the one the other gives; no sample is loaded)."""
+class SeededIndex(int):
+    """A sample index that carries the seed of that sample's random augmentation (through the index queue of the
+    DataLoader's workers, to the dataset and its :class:`SeededPipeline`)."""
 
-    def __init__(self, batch_sampler, skip: int):
-        self.batch_sampler, self.skip = batch_sampler, skip
+    def __new__(cls, value: int, seed: int):
+        self = super().__new__(cls, value)
+        self.seed = seed
+        return self
 
-    def __iter__(self) -> Iterator[List[int]]:
-        return itertools.islice(iter(self.batch_sampler), self.skip, None)
+    def __reduce__(self):
+        return SeededIndex, (int(self), self.seed)
+
+
+def _sample_seed(seed: int, rank: int, batch: int, position: int) -> int:
+    return int(np.random.SeedSequence([seed % 2 ** 32, rank, batch, position]).generate_state(1)[0])
+
+
+@DATA_SAMPLERS.register_module()
+class ResumableBatchSampler:
+    """The training batch sampler of the resumable loops: the config's own (``batch_sampler``, e.g. mmdet's
+    ``AspectRatioBatchSampler``; torch's ``BatchSampler`` if it has none) with two additions.
+
+    * :meth:`start` makes the next pass leave out its first ``skip`` batches: their indices are drawn (the order of
+      the rest is the one the wrapped sampler gives) but no sample is loaded;
+    * every index it gives is a :class:`SeededIndex` whose seed is a function of (the run's seed, the rank, the
+      batch's number in the whole run, its place in the batch), so a sample's augmentation is the same whichever
+      worker process loads it, and a run resumed mid-epoch draws what the uninterrupted run drew, with any number
+      of workers, persistent or not.
+
+    The resumable loops put it into their dataloader's config; ``sampler`` / ``batch_size`` / ``drop_last`` are
+    what mmengine's ``build_dataloader`` gives a batch sampler.
+    """
+
+    def __init__(self, sampler, batch_size: int, batch_sampler: Optional[dict] = None, drop_last: bool = False):
+        self.sampler, self.batch_size = sampler, batch_size
+        if batch_sampler is None:
+            self.batch_sampler = BatchSampler(sampler, batch_size, drop_last)
+        else:
+            self.batch_sampler = DATA_SAMPLERS.build(batch_sampler, default_args=dict(sampler=sampler,
+                                                                                       batch_size=batch_size))
+        self.seed, self.rank = 0, get_rank()
+        self._first, self._skip, self._armed = 0, 0, False
+        # mmengine's InfiniteSampler is one stream for the whole run (its __iter__ hands out one generator): it is
+        # read through one iterator, kept here across passes
+        self.infinite = type(sampler).__name__.startswith('Infinite')
+        self._stream: Optional[Iterator[List[int]]] = None
+
+    def start(self, first: int, skip: int = 0, seed: Optional[int] = None) -> None:
+        """Arm the next pass: its first batch is batch number ``first`` of the run, and its first ``skip`` batches
+        are left out. ``seed``: the run's (a resumed run has the checkpoint's). A pass not armed gives no batch:
+        the loops arm each one, and the iterator mmengine's ``IterBasedTrainLoop`` makes when it is built (and
+        this loop replaces) reads nothing from the stream."""
+        self._first, self._skip, self._armed = first, skip, True
+        if seed is not None:
+            self.seed = seed
+
+    def __iter__(self) -> Iterator[List[SeededIndex]]:
+        if not self._armed:
+            return
+        first, skip, self._skip, self._armed = self._first, self._skip, 0, False
+        if self.infinite:
+            self._stream = self._stream or iter(self.batch_sampler)
+            batches = self._stream
+        else:
+            batches = iter(self.batch_sampler)
+        for pos in itertools.count():
+            batch = next(batches, None)
+            if batch is None:
+                return
+            if pos >= skip:
+                yield [SeededIndex(i, _sample_seed(self.seed, self.rank, first + pos, j)) for j, i in enumerate(batch)]
 
     def __len__(self) -> int:
-        return max(len(self.batch_sampler) - self.skip, 0)
-
-    def __getattr__(self, name):  # .sampler, .batch_size, ... of the wrapped one
-        return getattr(self.batch_sampler, name)
+        return len(self.batch_sampler)
 
 
-@contextlib.contextmanager
-def _skipping(loader, skip: int):
-    """``loader`` yields from its ``skip``-th batch on while inside (the iterators made inside keep doing so)."""
-    if skip <= 0:
-        yield loader
-        return
-    original = loader.batch_sampler
-    if original is None:
-        raise RuntimeError('resuming mid-epoch needs a dataloader with a batch sampler')
-    object.__setattr__(loader, 'batch_sampler', _SkipBatches(original, skip))  # DataLoader forbids setting it
-    try:
-        yield loader
-    finally:
-        object.__setattr__(loader, 'batch_sampler', original)
+class SeededPipeline:
+    """A dataset's pipeline that runs each :class:`SeededIndex` sample with Python's, NumPy's and torch's random
+    streams seeded from the index, then gives the process its own streams back. A sample the pipeline drops
+    (``None``: the dataset draws another one) leaves the seeded streams in place, so that draw is reproducible too.
+    Any other index runs as before."""
+
+    def __init__(self, pipeline):
+        self.pipeline = pipeline
+
+    def __call__(self, data_info: dict):
+        idx = data_info.get('sample_idx')
+        seed = getattr(idx, 'seed', None)
+        if seed is None:
+            return self.pipeline(data_info)
+        data_info['sample_idx'] = int(idx)
+        state = get_rng_state()
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        result = self.pipeline(data_info)
+        if result is not None:
+            set_rng_state(state)
+        return result
+
+    def __getattr__(self, name):  # .transforms, ... of the wrapped pipeline
+        return getattr(self.__dict__['pipeline'], name)
+
+
+def _seed_pipelines(dataset) -> bool:
+    """Wrap the pipeline of ``dataset`` (and of the data sets inside mmengine's dataset wrappers) in a
+    :class:`SeededPipeline`; returns whether every one had a pipeline."""
+    inner = getattr(dataset, 'datasets', None) or ([dataset.dataset] if hasattr(dataset, 'dataset') else None)
+    if inner:
+        return all([_seed_pipelines(d) for d in inner])
+    pipeline = getattr(dataset, 'pipeline', None)
+    if pipeline is None:
+        return False
+    if not isinstance(pipeline, SeededPipeline):
+        dataset.pipeline = SeededPipeline(pipeline)
+    return True
+
+
+def resumable_dataloader(dataloader):
+    """A training dataloader's config with its batch sampler wrapped in :class:`ResumableBatchSampler` (a
+    ``DataLoader`` object is returned as it is)."""
+    wrapped = (dataloader.get('batch_sampler') or {}).get('type') if isinstance(dataloader, dict) else None
+    if not isinstance(dataloader, dict) or wrapped == 'ResumableBatchSampler':
+        return dataloader
+    dataloader = copy.deepcopy(dataloader)
+    dataloader['batch_sampler'] = dict(type='ResumableBatchSampler', batch_sampler=dataloader.get('batch_sampler'),
+                                       drop_last=dataloader.pop('drop_last', False))
+    return dataloader
 
 
 class _ResumeMixin:
-    """What both resumable loops share: the random states to restore before the first batch of a resumed run."""
+    """What both resumable loops share: their dataloader's :class:`ResumableBatchSampler` and seeded pipelines, and
+    the random states to restore before the first batch of a resumed run."""
 
     pending_rng_state: Optional[Dict[str, Any]] = None
+
+    def __init__(self, runner, dataloader, *args, **kwargs):
+        if not isinstance(dataloader, dict):
+            raise UserError(f'{type(self).__name__} needs its dataloader as a config (a dict), not a built DataLoader')
+        # built here, as mmengine's BaseLoop would, so that its workers are set up before mmengine's
+        # IterBasedTrainLoop starts an iterator on it (persistent workers are forked then)
+        diff_rank_seed = (runner.cfg.get('randomness') or {}).get('diff_rank_seed', False)
+        loader = runner.build_dataloader(resumable_dataloader(dataloader), seed=runner.seed,
+                                         diff_rank_seed=diff_rank_seed)
+        if not _seed_pipelines(loader.dataset):
+            print_log(f'{type(self).__name__}: {type(loader.dataset).__name__} has no pipeline to seed; a resumed '
+                      f'run draws its augmentations anew', logger='current', level=logging.WARNING)
+        guard_loader_workers(loader)  # SLURM signals the workers too: they leave it to the main process
+        self.batch_sampler = loader.batch_sampler
+        super().__init__(runner, loader, *args, **kwargs)
 
     def _restore_rng(self):
         if self.pending_rng_state is not None:
@@ -125,17 +241,18 @@ class ResumableEpochBasedTrainLoop(_ResumeMixin, EpochBasedTrainLoop):
     def run_epoch(self) -> None:
         self.runner.call_hook('before_train_epoch')  # sets the sampler's epoch
         self.runner.model.train()
-        done = self._iter - self._epoch * len(self.dataloader)  # batches of this epoch already trained on
-        if not 0 <= done <= len(self.dataloader):  # another number of processes or batch size than the checkpoint's
+        per_epoch = len(self.dataloader)
+        done = self._iter - self._epoch * per_epoch  # batches of this epoch already trained on
+        if not 0 <= done <= per_epoch:  # another number of processes or batch size than the checkpoint's
             print_log(f'resuming at iteration {self._iter}, which is not in epoch {self._epoch + 1} of this '
-                      f'dataloader ({len(self.dataloader)} batches): the epoch starts from its first batch',
+                      f'dataloader ({per_epoch} batches): the epoch starts from its first batch',
                       logger='current', level=logging.WARNING)
             done = 0
         if done:
-            print_log(f'resuming epoch {self._epoch + 1} at batch {done + 1} of {len(self.dataloader)} (the first '
-                      f'{done} are skipped in the sampler, not read)', logger='current')
-        with _skipping(self.dataloader, done):
-            batches = iter(self.dataloader)
+            print_log(f'resuming epoch {self._epoch + 1} at batch {done + 1} of {per_epoch} (the first {done} are '
+                      f'skipped in the sampler, not read)', logger='current')
+        self.batch_sampler.start(self._epoch * per_epoch, skip=done, seed=self.runner.seed)
+        batches = iter(self.dataloader)
         self._restore_rng()
         for idx, data_batch in enumerate(batches, start=done):
             self.run_iter(idx, data_batch)
@@ -143,40 +260,56 @@ class ResumableEpochBasedTrainLoop(_ResumeMixin, EpochBasedTrainLoop):
         self._epoch += 1
 
 
+class _RunBatches:
+    """The iterator of :class:`ResumableIterBasedTrainLoop`: the dataloader's batches without end (a sampler with
+    an end starts its next pass, with ``set_epoch``), from the loop's iteration on. mmengine's ``run`` first calls
+    ``next`` once per iteration already trained, to advance its own iterator through them: those calls read
+    nothing here (the sampler skips the batches)."""
+
+    def __init__(self, loop: 'ResumableIterBasedTrainLoop'):
+        self.loop, self.advancing = loop, loop.iter
+        loader, done = loop.dataloader, loop.iter
+        sampler = self.loop.batch_sampler.sampler
+        self.per_pass = len(loader) if not type(sampler).__name__.startswith('Infinite') else 0
+        self.epoch, skip = divmod(done, self.per_pass) if self.per_pass else (0, done)
+        if self.epoch and hasattr(sampler, 'set_epoch'):
+            sampler.set_epoch(self.epoch)
+        loop.batch_sampler.start(done - skip, skip=skip, seed=loop.runner.seed)
+        if done:
+            print_log(f'resuming at iteration {done + 1} of {loop.max_iters} (the batches trained on are skipped in '
+                      f'the sampler, not read)', logger='current')
+        self._batches = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.advancing:
+            self.advancing -= 1
+            return None
+        if self._batches is None:
+            self._batches = iter(self.loop.dataloader)
+            self.loop._restore_rng()
+        try:
+            return next(self._batches)
+        except StopIteration:  # a sampler with an end: its next pass
+            self.epoch += 1
+            sampler = self.loop.batch_sampler.sampler
+            if hasattr(sampler, 'set_epoch'):
+                sampler.set_epoch(self.epoch)
+            self.loop.batch_sampler.start(self.epoch * self.per_pass, seed=self.loop.runner.seed)
+            self._batches = iter(self.loop.dataloader)
+            return next(self._batches)
+
+
 @LOOPS.register_module()
 class ResumableIterBasedTrainLoop(_ResumeMixin, IterBasedTrainLoop):
     """mmengine's ``IterBasedTrainLoop``, resuming without reading the batches already trained on (mmengine's own
-    loop loads and drops all of them: minutes to hours at 40k of 80k iterations)."""
+    loop loads and drops all of them)."""
 
     def run(self):
-        self.runner.call_hook('before_train')
-        self.runner.call_hook('before_train_epoch')
-        if self._iter > 0:
-            loader, skip = self.dataloader, self._iter
-            sampler = getattr(loader.batch_sampler, 'sampler', None)
-            finite = not type(sampler).__name__.startswith('Infinite')
-            epoch = 0
-            if finite and len(loader):  # a sampler with an end: whole passes first, as _InfiniteDataloaderIterator
-                epoch, skip = divmod(skip, len(loader))
-                if epoch and hasattr(sampler, 'set_epoch'):
-                    sampler.set_epoch(epoch)
-            print_log(f'resuming at iteration {self._iter + 1} of {self._max_iters} (the batches trained on are '
-                      f'skipped in the sampler, not read)', logger='current')
-            with _skipping(loader, skip):
-                self.dataloader_iterator = _InfiniteDataloaderIterator(loader)
-            self.dataloader_iterator._epoch = epoch
-        self._restore_rng()
-        while self._iter < self._max_iters and not self.stop_training:
-            self.runner.model.train()
-            data_batch = next(self.dataloader_iterator)
-            self.run_iter(data_batch)
-            self._decide_current_val_interval()
-            if (self.runner.val_loop is not None and self._iter >= self.val_begin
-                    and (self._iter % self.val_interval == 0 or self._iter == self._max_iters)):
-                self.runner.val_loop.run()
-        self.runner.call_hook('after_train_epoch')
-        self.runner.call_hook('after_train')
-        return self.runner.model
+        self.dataloader_iterator = _RunBatches(self)
+        return super().run()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -199,7 +332,8 @@ class PreemptionHook(Hook):
 
     def __init__(self, check_interval: int = 1):
         self.check_interval = max(1, int(check_interval))
-        self.stop = StopOnSignal()
+        self.stop: Optional[StopOnSignal] = None
+        self._own_stop = False  # installed by this hook (a run outside our scripts), so removed by it too
         self._training = False
         self._resumed_rng: Optional[Dict[str, Any]] = None
 
@@ -225,12 +359,29 @@ class PreemptionHook(Hook):
             print_log(f'PreemptionHook: the train loop is {type(loop).__name__}; a run resumed from a checkpoint taken '
                       f'mid-epoch starts that epoch again (use ResumableEpochBasedTrainLoop / '
                       f'ResumableIterBasedTrainLoop)', logger='current', level=logging.WARNING)
-        self.stop.received = None
-        self.stop.install()
+        # the command's handler (scalablevit.cli.run_command: installed at its first line), else one of our own
+        self.stop = StopOnSignal.installed()
+        self._own_stop = self.stop is None
+        if self._own_stop:
+            self.stop = StopOnSignal()
+            self.stop.install()
         self._training = True
+        # SLURM signals the loader workers too: they leave it to this process
+        guard_loader_workers(getattr(loop, 'dataloader', None))
+        if runner.val_loop is not None:
+            guard_loader_workers(getattr(runner.val_loop, 'dataloader', None))
+        if self.stop.requested(get_comm_device()):  # a signal while the run started: nothing trained to save
+            self._release()
+            runner.call_hook('after_run')  # close the visualizer, copy the logs, as a finished run does
+            raise StoppedToResume(f'stopped by {self.stop.received} before training began; nothing new to save; '
+                                  f'run the same command again')
 
     def after_train(self, runner) -> None:
-        self.stop.uninstall()
+        self._release()
+
+    def _release(self):
+        if self._own_stop:
+            self.stop.uninstall()
         self._training = False
 
     # stopping
@@ -257,8 +408,7 @@ class PreemptionHook(Hook):
         if is_main_process():
             atomic_write(osp.join(runner.work_dir, 'last_checkpoint'), path)  # what mmengine's resume reads
         barrier()  # nobody leaves before the checkpoint is whole
-        self.stop.uninstall()
-        self._training = False
+        self._release()
         if not isinstance(loop, EpochBasedTrainLoop):
             where = f'iteration {iters_done} of {loop.max_iters}'
         elif mid_epoch:
@@ -270,6 +420,55 @@ class PreemptionHook(Hook):
         runner.call_hook('after_run')  # close the visualizer, copy the logs, as a finished run does
         raise StoppedToResume(f'stopped by {self.stop.received} after {where}; saved {path}; run the same command '
                               f'with --resume to continue')
+
+
+class _RemoveAfterWrite:
+    """A file backend whose ``remove`` / ``rmtree`` wait until :meth:`flush`; everything else is the wrapped one's."""
+
+    def __init__(self, backend):
+        self.backend, self.pending = backend, []
+
+    def remove(self, path):
+        self.pending.append(('remove', path))
+
+    def rmtree(self, path):
+        self.pending.append(('rmtree', path))
+
+    def flush(self):
+        pending, self.pending = self.pending, []
+        for op, path in pending:
+            if op == 'rmtree' or self.backend.isfile(path):
+                getattr(self.backend, op)(path)
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__['backend'], name)
+
+
+class CheckpointHookWriteFirst(CheckpointHook):
+    """mmengine's ``CheckpointHook`` (same arguments, registered in its place) that writes a checkpoint before it
+    deletes the ones it replaces: mmengine deletes the oldest checkpoint (``max_keep_ckpts``) and the previous best
+    one first, so a kill during the save, with ``max_keep_ckpts=1`` or of a new best, left no checkpoint at all.
+    The deletions of a save happen once it is written; if it fails, the old files stay."""
+
+    def before_train(self, runner) -> None:
+        super().before_train(runner)
+        self.file_backend = _RemoveAfterWrite(self.file_backend)
+        self.file_backend.flush()  # the surplus beyond max_keep_ckpts of a resumed run: nothing replaces them
+
+    def after_train_epoch(self, runner) -> None:
+        super().after_train_epoch(runner)
+        self.file_backend.flush()
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        super().after_train_iter(runner, batch_idx, data_batch, outputs)
+        self.file_backend.flush()
+
+    def after_val_epoch(self, runner, metrics) -> None:
+        super().after_val_epoch(runner, metrics)
+        self.file_backend.flush()
+
+
+HOOKS.register_module('CheckpointHook', module=CheckpointHookWriteFirst, force=True)
 
 
 def _optimizer_stepped(optim_wrapper) -> bool:
@@ -297,11 +496,10 @@ def unreadable_reason(path: str) -> Optional[str]:
     Reads the pickled structure with the tensors memory-mapped, not their data: cheap even for large files.
     """
     try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-    except Exception as e:  # noqa: BLE001  (any reason a load fails)
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        return f'{type(e).__name__}: {first[:200]}'
-    if not isinstance(ckpt, dict) or not {'state_dict', 'meta'} <= set(ckpt):
+        ckpt = load_mm_checkpoint(path, mmap=True)
+    except CheckpointError as e:
+        return str(e).replace(f'cannot read checkpoint {path}: ', '')
+    if not {'state_dict', 'meta'} <= set(ckpt):
         return 'not an mmengine training checkpoint (no state_dict / meta)'
     if 'iter' not in ckpt['meta'] or 'epoch' not in ckpt['meta']:
         return 'its meta has no epoch / iter'
