@@ -201,7 +201,7 @@ def predict(args: argparse.Namespace) -> List[Dict[str, Any]]:
     _check_args(args)
     paths = collect_images(args.inputs)
     device = torch.device(args.device)
-    exported = args.backend != 'torch' or args.checkpoint.endswith('.pt2')
+    exported = args.backend != 'torch' or args.checkpoint.endswith(('.pt2', '.onnx', '.xml'))
     if exported:
         runner, class_names, cfg = build_exported(args)
         name = f'{runner.meta["model"]} ({runner.engine}, {runner.meta.get("precision", "fp32")}' \

@@ -340,7 +340,7 @@ def export_model(model: nn.Module, out: str, fmt: str, meta: Dict[str, Any], inp
     if fmt not in EXPORT_FORMATS:
         raise ExportError(f'--format {fmt}: choose one of {", ".join(EXPORT_FORMATS)}')
     if not out.endswith(FORMAT_SUFFIX[fmt]):
-        raise ExportError(f'{out}: a {fmt} export is named *{FORMAT_SUFFIX[fmt]}')
+        raise ExportError(f'{out}: --format {fmt} writes NAME{FORMAT_SUFFIX[fmt]}')
     if int8_calibration is not None and fmt != 'openvino':
         raise ExportError('int8 quantization is done with NNCF on the OpenVINO model: use --format openvino')
     if os.path.isdir(out):
@@ -443,6 +443,18 @@ def _engine_for(path: str) -> str:
     raise ExportError(f'{path}: not an exported model (expected FILE.onnx, FILE.xml (OpenVINO IR) or FILE.pt2)')
 
 
+def _check_ir_root(path: str) -> None:
+    """``ExportError`` unless ``path`` opens as XML with a ``<net version=...>`` root, the IR's: other files would
+    go on to every OpenVINO frontend in turn (their parse errors printed on stderr) before failing."""
+    import xml.etree.ElementTree as ET
+    try:
+        _, root = next(ET.iterparse(path, events=('start',)))
+    except (ET.ParseError, StopIteration, UnicodeDecodeError) as e:
+        raise ExportError(f'{path}: not an OpenVINO IR (not XML: {_first_line(e)})') from e
+    if root.tag != 'net' or 'version' not in root.attrib:
+        raise ExportError(f'{path}: not an OpenVINO IR (its root element is <{root.tag}>, not <net version=...>)')
+
+
 def read_meta(path: str) -> Dict[str, Any]:
     """The metadata of an export (``ExportError`` when ``path`` is missing or is not one)."""
     if not os.path.isfile(path):
@@ -457,6 +469,7 @@ def read_meta(path: str) -> Dict[str, Any]:
         text = next((p.value for p in proto.metadata_props if p.key == META_KEY), None)
     elif engine == 'openvino':
         ov = require('openvino', 'reading an OpenVINO IR')
+        _check_ir_root(path)
         try:
             ov_model = ov.Core().read_model(path)
         except Exception as e:  # noqa: BLE001
@@ -508,6 +521,8 @@ class ExportedModel:
         if precision not in ('fp32', 'bf16'):
             raise ExportError(f'precision {precision}: fp32 or bf16')
         self.path, self.engine, self.precision = path, engine, precision
+        if engine != 'torch':  # a missing engine is named as the flag that asked for it, before the file is read
+            require(engine, f'--backend {engine}')
         self.meta = meta if meta is not None else read_meta(path)
         if engine == 'onnxruntime':
             if precision != 'fp32':
@@ -527,6 +542,10 @@ class ExportedModel:
     def __call__(self, x) -> List[np.ndarray]:
         if isinstance(x, torch.Tensor):
             x = x.detach().cpu().float().numpy()
+        want = tuple(self.meta.get('input', {}).get('shape', [None])[1:])
+        if want and tuple(x.shape[1:]) != want:  # OpenVINO would run another size through the fixed graph
+            raise ExportError(f'input of shape {tuple(x.shape)}: this export takes (batch, '
+                              f'{", ".join(map(str, want))}) (the image size is fixed at export)')
         return self._run(np.ascontiguousarray(x, dtype=np.float32))
 
     @staticmethod

@@ -175,6 +175,8 @@ def test_bad_inputs_are_one_line_errors(cls_dir, tmp_path, capsys):
     img = tmp_path / 'x.png'
     Image.new('RGB', (20, 20)).save(img)
     (tmp_path / 'junk.pth').write_bytes(b'garbage')
+    latin1 = tmp_path / 'latin1.txt'
+    latin1.write_bytes('caf\xe9\nb\nc\n'.encode('latin-1'))  # 'caf' + 0xe9 + '\n': not UTF-8 at offset 3
     cases = [
         ([str(img), '--checkpoint', str(tmp_path / 'missing.pth')], 'checkpoint not found'),
         ([str(img), '--checkpoint', str(tmp_path / 'junk.pth')], 'cannot read checkpoint'),
@@ -183,10 +185,19 @@ def test_bad_inputs_are_one_line_errors(cls_dir, tmp_path, capsys):
          'does not fit ScalableViT: 14 unexpected (stages.1.1.'),
         ([str(img), '--checkpoint', str(tmp_path / 'ckpt.pth'), '--num-classes', '5'], 'of another shape (head.'),
         ([str(tmp_path / 'ckpt.pth'), '--checkpoint', str(tmp_path / 'ckpt.pth')], 'none of the images'),
+        ([str(img), '--checkpoint', str(tmp_path / 'ckpt.pth'), '--batch-size', '0'],
+         '--batch-size must be at least 1, got 0'),
+        ([str(img), '--checkpoint', str(tmp_path / 'ckpt.pth'), '--num-workers', '-1'],
+         '--num-workers must be 0 or more, got -1'),
+        ([str(img), '--checkpoint', str(tmp_path / 'ckpt.pth'), '--class-names', str(latin1)],
+         f'--class-names {latin1}: not UTF-8 text (byte 3: invalid continuation byte)'),
+        ([str(img), '--checkpoint', str(tmp_path / 'ckpt.pth'), '--class-names', str(tmp_path / 'no.txt')],
+         'file not found'),
     ]
     for argv, message in cases:
         assert predict.cli(argv) == 1, argv
         err = capsys.readouterr().err
+        assert 'Traceback' not in err, err
         last = err.strip().splitlines()[-1]
         assert last.startswith('error: ') and message in last, err
 
@@ -229,3 +240,104 @@ def test_digits_pngs_predicted_with_the_accuracy_of_eval(cls_dir, tmp_path):
         e = by_name[f'{i:03d}.png']
         assert e['topk'][0]['index'] == probs[i].argmax().item()
         assert e['topk'][0]['prob'] == pytest.approx(probs[i].max().item(), abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Engine backends: the files of tools/export.py, run without the model's code
+
+_EXPORTED = {}  # the files of the fixture below, made once: the tests read them (and write only their results)
+
+
+@pytest.fixture
+def exported(cls_dir, tmp_path_factory):
+    """A tiny checkpoint with meta and its ONNX and OpenVINO exports (32 px), plus a folder of images."""
+    if 'dir' not in _EXPORTED:
+        from scalablevit.serving import export_model, serving_meta
+        tmp = tmp_path_factory.mktemp('exported')
+        datasets = cls_dir('datasets')
+        model = tiny_model()
+        meta = save_with_meta(datasets, model, tmp / 'ckpt.pth', ['cat', 'dog', 'eel'], input_size=32)
+        cfg = meta['pretrained_cfg']
+        for fmt, name in (('onnx', 'm.onnx'), ('openvino', 'm.xml')):
+            export_model(tiny_model(), str(tmp / name), fmt, serving_meta(model, ['cat', 'dog', 'eel'], cfg),
+                         (3, 32, 32))
+        make_images(tmp / 'images')
+        _EXPORTED['dir'] = tmp
+    return _EXPORTED['dir']
+
+
+@pytest.mark.parametrize('backend, file', [('onnxruntime', 'm.onnx'), ('openvino', 'm.xml'),
+                                           ('openvino', 'm.onnx')])
+def test_engine_backends_give_the_torch_predictions(cls_dir, exported, backend, file, capsys):
+    predict = cls_dir('predict')
+    images = str(exported / 'images')
+    outs = {}
+    for name, argv in (('torch', ['--checkpoint', str(exported / 'ckpt.pth')]),
+                       (backend, ['--backend', backend, '--checkpoint', str(exported / file), '--threads', '1'])):
+        out = exported / f'{name}.json'
+        rc = predict.cli([images, *argv, '--results-file', str(out), '--topk', '2', '--batch-size', '2'])
+        captured = capsys.readouterr()
+        assert rc == 0, captured.err
+        outs[name] = json.loads(out.read_text())
+        # a timing line per batch (3 readable images in batches of 2, the unreadable one skipped)
+        assert 'batch 1/2: 1 images, model ' in captured.err and 'batch 2/2: 2 images, model ' in captured.err
+        assert f'img/s, {name})' in captured.err
+        assert 'skipped cannot read image' in captured.err
+    torch_out, engine_out = outs['torch'], outs[backend]
+    assert [r['image'] for r in engine_out] == [r['image'] for r in torch_out]
+    for a, b in zip(engine_out, torch_out):
+        assert [e['index'] for e in a['topk']] == [e['index'] for e in b['topk']]
+        assert [e['label'] for e in a['topk']] == [e['label'] for e in b['topk']]
+        assert [e['prob'] for e in a['topk']] == pytest.approx([e['prob'] for e in b['topk']], abs=1e-5)
+    assert set(engine_out[0]) == {'image', 'topk'} and set(engine_out[0]['topk'][0]) == {'index', 'label', 'prob'}
+
+
+def test_engine_backends_need_no_model_code(cls_dir, exported, monkeypatch, capsys):
+    """The engine path builds no torch model: with timm.create_model broken, it still predicts."""
+    import scalablevit.serving
+    predict = cls_dir('predict')
+
+    def no_model(*a, **k):
+        raise AssertionError('the engine backend built a torch model')
+    monkeypatch.setattr(timm, 'create_model', no_model)
+    monkeypatch.setattr(scalablevit.serving, 'load_classifier', no_model)
+    assert predict.cli([str(exported / 'images'), '--backend', 'onnxruntime', '--checkpoint',
+                        str(exported / 'm.onnx'), '--quiet']) == 0, capsys.readouterr().err
+
+
+def test_engine_backend_bad_inputs_are_one_line_errors(cls_dir, exported, monkeypatch, tmp_path, capsys):
+    predict = cls_dir('predict')
+    images = str(exported / 'images')
+    (tmp_path / 'junk.onnx').write_bytes(b'\x00not onnx')
+    (tmp_path / 'fake.xml').write_text('<net></net>')  # XML, but no IR: refused before OpenVINO's frontends see it
+    (tmp_path / 'binary.xml').write_bytes(b'\x00\xff not xml')
+    cases = [
+        (['--backend', 'onnxruntime', '--checkpoint', str(exported / 'ckpt.pth')], 'not an exported model'),
+        (['--backend', 'onnxruntime', '--checkpoint', str(tmp_path / 'junk.onnx')], 'not an ONNX model'),
+        (['--backend', 'openvino', '--checkpoint', str(tmp_path / 'fake.xml')],
+         'not an OpenVINO IR (its root element is <net>, not <net version=...>)'),
+        (['--backend', 'openvino', '--checkpoint', str(tmp_path / 'binary.xml')], 'not an OpenVINO IR (not XML'),
+        (['--backend', 'onnxruntime', '--checkpoint', str(exported / 'm.xml')], 'which onnxruntime does not run'),
+        (['--checkpoint', str(exported / 'm.onnx')], 'which torch does not run; use --backend onnxruntime'),
+        (['--backend', 'openvino', '--checkpoint', str(tmp_path / 'missing.xml')], 'exported model not found'),
+        (['--backend', 'onnxruntime', '--checkpoint', str(exported / 'm.onnx'), '--input-size', '48'],
+         'was exported for 32x32 images'),
+        (['--backend', 'onnxruntime', '--checkpoint', str(exported / 'm.onnx'), '--model', 'x'],
+         '--model: the exported file'),
+        (['--backend', 'onnxruntime', '--checkpoint', str(exported / 'm.onnx'), '--amp'], 'fp32 only'),
+    ]
+    for argv, message in cases:
+        assert predict.cli([images, *argv]) == 1, argv
+        err = capsys.readouterr().err
+        assert 'Traceback' not in err, err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith('error: ') and message in last, err
+    # an engine that is not installed: the package is named
+    for package, backend, file in (('openvino', 'openvino', 'm.xml'), ('onnxruntime', 'onnxruntime', 'm.onnx')):
+        with monkeypatch.context() as m:
+            m.setitem(sys.modules, package, None)  # import raises ImportError
+            assert predict.cli([images, '--backend', backend, '--checkpoint', str(exported / file)]) == 1
+        err = capsys.readouterr().err
+        assert err.strip().splitlines()[-1].startswith(f'error: --backend {backend} needs the {package} package, '
+                                                       f'which is not installed'), err
+        assert f'pip install {package}' in err

@@ -155,7 +155,8 @@ def export(args: argparse.Namespace) -> List[str]:
     if args.int8:
         calibration = calibration_batches(args.calibration, cfg, args.calibration_size)
         items = held_out(args.val, class_names)
-        eager = top1(lambda x: [model(torch.from_numpy(x)).numpy()], items, cfg)
+        with torch.no_grad():
+            eager = top1(lambda x: [model(torch.from_numpy(x)).numpy()], items, cfg)
 
         def evaluate(runner: ExportedModel) -> Dict[str, Any]:
             int8 = top1(runner, items, cfg)
