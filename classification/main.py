@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 from torch.utils.data.distributed import DistributedSampler
 
 import scalablevit  # registers scalable_vit_small/base/large with timm
-from scalablevit.cli import AMP_DTYPES, ParseKwargs, check_compile, check_device, run_command
+from scalablevit.cli import AMP_DTYPES, ParseKwargs, amp_dtype, check_compile, check_device, run_command
 from scalablevit.errors import StoppedToResume, UserError, met_by_this_process
 from scalablevit.info import count_params, describe
 from scalablevit.signals import StopOnSignal, ignore_stop_signals
@@ -55,14 +55,7 @@ FUSED_OPTIMIZERS = ('adamw', 'adam')  # timm names of torch optimizers with fuse
 SCHEDULERS = ('cosine', 'tanh', 'step', 'multistep', 'poly', 'wsd', 'rsqrt', 'constant')
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser('ScalableViT training and evaluation', add_help=False)
-    parser.add_argument('--batch-size', default=64, type=int,
-                        help='images per process per forward pass (the micro-batch with --grad-accum-steps)')
-    parser.add_argument('--epochs', default=300, type=int)
-    parser.add_argument('--grad-accum-steps', default=1, type=int, metavar='N',
-                        help='step the optimizer every N batches: effective batch = batch size x processes x N')
-
+def _model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group('Model')
     group.add_argument('--model', default='scalable_vit_small', type=str, metavar='MODEL',
                        help='timm model name (scalable_vit_small/base/large or any timm model)')
@@ -84,6 +77,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--grad-checkpointing', action='store_true', default=False,
                        help='recompute activations in the backward pass to save memory')
 
+
+def _optimizer_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group('Optimizer')
     group.add_argument('--opt', default='adamw', type=str, metavar='OPTIMIZER')
     group.add_argument('--opt-eps', default=1e-8, type=float, metavar='EPSILON')
@@ -97,6 +92,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--momentum', type=float, default=0.9, metavar='M', help='SGD momentum')
     group.add_argument('--weight-decay', type=float, default=0.05)
 
+
+def _schedule_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group('Learning rate schedule')
     group.add_argument('--sched', default='cosine', type=str, metavar='SCHEDULER')
     group.add_argument('--lr', type=float, default=5e-4, metavar='LR',
@@ -108,6 +105,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--warmup-epochs', type=int, default=5, metavar='N')
     group.add_argument('--decay-rate', '--dr', type=float, default=0.1, metavar='RATE')
 
+
+def _augmentation_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group('Augmentation (ImageFolder data)')
     group.add_argument('--color-jitter', type=float, default=0.4, metavar='PCT')
     group.add_argument('--aa', type=str, default='rand-m9-mstd0.5-inc1', metavar='NAME',
@@ -122,6 +121,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--recount', type=int, default=1)
     group.add_argument('--eval-crop-ratio', type=float, default=0.875, help='eval resize = input_size / ratio')
 
+
+def _mixup_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group('Mixup / CutMix')
     group.add_argument('--mixup', type=float, default=0.8, help='mixup alpha; on when > 0')
     group.add_argument('--cutmix', type=float, default=1.0, help='cutmix alpha; on when > 0')
@@ -130,6 +131,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--mixup-switch-prob', type=float, default=0.5)
     group.add_argument('--mixup-mode', type=str, default='batch', choices=('batch', 'pair', 'elem'))
 
+
+def _run_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group('Data, output, precision, launch')
     group.add_argument('--data-path', default=None, type=str, help='folder holding train/ and val/ (ImageFolder)')
     group.add_argument('--data-set', default='IMNET', choices=DATA_SETS, type=str)
@@ -164,6 +167,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--dist_url', default='env://', help='process group rendezvous')
     group.add_argument('--local-rank', '--local_rank', default=None, type=int,
                        help='set by torch.distributed.launch without --use_env')
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser('ScalableViT training and evaluation', add_help=False)
+    parser.add_argument('--batch-size', default=64, type=int,
+                        help='images per process per forward pass (the micro-batch with --grad-accum-steps)')
+    parser.add_argument('--epochs', default=300, type=int)
+    parser.add_argument('--grad-accum-steps', default=1, type=int, metavar='N',
+                        help='step the optimizer every N batches: effective batch = batch size x processes x N')
+    _model_args(parser)
+    _optimizer_args(parser)
+    _schedule_args(parser)
+    _augmentation_args(parser)
+    _mixup_args(parser)
+    _run_args(parser)
     return parser
 
 
@@ -276,7 +294,7 @@ def resolve_amp(args: argparse.Namespace, device: torch.device):
     use_amp = args.amp if args.amp is not None else device.type == 'cuda'
     if not use_amp:
         return None
-    return AMP_DTYPES[args.amp_dtype or ('float16' if device.type == 'cuda' else 'bfloat16')]
+    return amp_dtype(args.amp_dtype, device)
 
 
 def build_loaders(args: argparse.Namespace):

@@ -37,8 +37,9 @@ import torch.nn as nn
 from .errors import UserError
 
 __all__ = ['CheckpointError', 'CheckpointMismatchError', 'DiskWriteError', 'allowed_globals', 'atomic_copy',
-           'atomic_write', 'check_state_dict', 'describe_mismatch', 'load_checkpoint', 'load_state_dict_strict',
-           'recorded_config', 'remove_orphaned_tmp_files', 'save_checkpoint', 'tensor_bytes', 'write_failure']
+           'atomic_write', 'check_state_dict', 'checkpoint_files', 'describe_mismatch', 'load_checkpoint',
+           'load_state_dict_strict', 'recorded_config', 'remove_orphaned_tmp_files', 'save_checkpoint',
+           'tensor_bytes', 'write_failure']
 
 _SHOWN = 5  # keys listed per kind before "... (N in all)"
 
@@ -256,13 +257,24 @@ def tensor_bytes(value: Any) -> int:
     return 0
 
 
-def _newest_checkpoint(folder: str, besides: str) -> Optional[str]:
+def checkpoint_files(folder: str) -> List[str]:
+    """The ``*.pth`` files of ``folder``, newest first (written atomically, so the modification time is when each
+    was complete); none if the folder cannot be read."""
+    def mtime(path: str) -> float:
+        try:
+            return os.path.getmtime(path)
+        except OSError:  # removed meanwhile
+            return -1.0
     try:
-        names = [n for n in os.listdir(folder) if n.endswith('.pth') and n != os.path.basename(besides)]
+        names = os.listdir(folder)
     except OSError:
-        return None
-    paths = [os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))]
-    return max(paths, key=os.path.getmtime) if paths else None
+        return []
+    paths = [os.path.join(folder, n) for n in names if n.endswith('.pth') and os.path.isfile(os.path.join(folder, n))]
+    return sorted(paths, key=lambda p: (mtime(p), p), reverse=True)
+
+
+def _newest_checkpoint(folder: str, besides: str) -> Optional[str]:
+    return next((p for p in checkpoint_files(folder) if os.path.basename(p) != os.path.basename(besides)), None)
 
 
 def write_failure(path: str, need: int, error: BaseException, advice: str = 'free some space and resume') -> str:

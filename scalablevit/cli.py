@@ -1,12 +1,11 @@
 """Command-line pieces shared by the scripts of the three tasks and ``tools/``: ``--model-kwargs``, ``--amp-dtype``,
 image inputs, the OpenMMLab stack check, and the entry point of the detection / segmentation scripts."""
 import glob
-import importlib
 import os
 import shutil
 import sys
 import warnings
-from typing import Any, Callable, List, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 import timm.utils
 import torch
@@ -14,12 +13,17 @@ import torch
 from .errors import EXIT_ERROR, UserError, run_main
 from .signals import StopOnSignal, release_stop_signals
 
-__all__ = ['AMP_DTYPES', 'IMG_EXTENSIONS', 'ParseKwargs', 'check_compile', 'check_device', 'check_mm_stack',
-           'collect_images',
-           'release_process_group', 'run_command', 'run_mm_command']
+__all__ = ['AMP_DTYPES', 'IMG_EXTENSIONS', 'ParseKwargs', 'amp_dtype', 'check_compile', 'check_device',
+           'check_mm_stack', 'collect_images', 'release_process_group', 'run_command', 'run_mm_command']
 
 #: ``--amp-dtype`` choices.
 AMP_DTYPES = {'float16': torch.float16, 'bfloat16': torch.bfloat16}
+
+
+def amp_dtype(name: Optional[str], device: torch.device) -> torch.dtype:
+    """``--amp-dtype NAME``, or the default of ``device``: float16 on CUDA (with a grad scaler when training),
+    bfloat16 on CPU (float16 autocast is slow there)."""
+    return AMP_DTYPES[name or ('float16' if device.type == 'cuda' else 'bfloat16')]
 
 #: What counts as an image in a folder or a glob (torchvision's list).
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
@@ -124,24 +128,11 @@ def check_device(flag: str, name: str) -> torch.device:
     return device
 
 
-# command -> (module of scalablevit.mm, function); each function takes (argv, task, task_dir)
-_MM_COMMANDS = {
-    'train': ('runner', 'train_main'),
-    'test': ('runner', 'test_main'),
-    'predict': ('predict', 'predict_main'),
-    'flops': ('flops', 'flops_main'),
-}
-
-
 def release_process_group() -> None:
-    """Before a command's process exits: free what still holds the process group, then destroy it.
-
-    Objects in reference cycles (mmengine's Runner and its loops and hooks, hence the DDP wrapper) keep a gloo
-    process group alive after ``destroy_process_group()`` until the interpreter's own teardown. Its worker threads
-    are then still running, and one that finishes a collective takes the GIL of an interpreter being torn down:
-    the thread is ended by a forced unwind through C++ code, which aborts the process ("terminate called without
-    an active exception", status -6) after it did all its work. Collecting the cycles first lets the group's
-    destructor join its threads while Python is alive. See ``docs/gloo_exit_abort.md`` for a 20-line reproduction.
+    """Before a command's process exits: collect the reference cycles that still hold the process group (mmengine's
+    Runner, its loops and hooks, the DDP wrapper), then destroy it, so that gloo's worker threads are joined while
+    Python is alive. Left to the interpreter's teardown, a thread finishing a collective aborts the process
+    ("terminate called without an active exception", status -6) after its work is done (``docs/gloo_exit_abort.md``).
     """
     import gc
 
@@ -192,15 +183,12 @@ def run_command(main: Callable[[], Any], training: bool = False) -> int:
     return status
 
 
-def run_mm_command(command: str, task: str, argv: Sequence[str], task_dir: str) -> int:
-    """The whole of ``detection|segmentation/{train,test,predict,get_flops}.py``: check the OpenMMLab stack, run the
-    command of ``scalablevit.mm`` for ``task`` (``'detection'`` or ``'segmentation'``) through :func:`run_command`,
-    and return the exit status."""
-    module, name = _MM_COMMANDS[command]
-
+def run_mm_command(command: Callable[[List[str]], Any], argv: Sequence[str], training: bool = False) -> int:
+    """The whole of ``detection|segmentation/{train,test,predict,get_flops}.py``: check the OpenMMLab stack, then
+    run ``command(argv)`` (the script's own function, which imports its command of ``scalablevit.mm``) through
+    :func:`run_command` (``training``: a stop signal saves and exits with 75), and return the exit status."""
     def main():
         check_mm_stack()
-        fn = getattr(importlib.import_module(f'scalablevit.mm.{module}'), name)
-        fn(list(argv), task, task_dir)  # its result (a runner, metrics) is dropped here, before the release
+        command(list(argv))  # its result (a runner, metrics) is dropped here, before the release
 
-    return run_command(main, training=command == 'train')
+    return run_command(main, training=training)

@@ -193,9 +193,8 @@ class _Attention(nn.Module):
 
         The fused branch is ``F.scaled_dot_product_attention`` with the explicit scale; the plain branch is the
         reference (the released computation) and the export path. Training in bf16/fp16 on CPU takes the plain
-        branch: there the flash kernel's backward is several times slower than the plain products on these many
-        short sequences (IWSA's 49-token windows: 345 against 50 ms, forward and backward, S's first stage at
-        batch 16; ``benchmarks/README.md``, "Training (CPU)").
+        branch, where the flash kernel's backward is the slower of the two on many short sequences such as IWSA's
+        windows (``benchmarks/README.md``, "Training (CPU)").
         """
         if self.fused_attn and not _slow_fused_backward(q):
             dq, dv = self.qk_head_dim, self.head_dim

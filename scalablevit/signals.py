@@ -45,7 +45,9 @@ def release_stop_signals() -> None:
 
 def _take_worker_signals(parent: int) -> None:
     """The signal thread of a DataLoader worker: SIGTERM from the main process (DataLoader shutting its workers
-    down) ends the worker at once, as torch's own handler does; any other SIGTERM or SIGUSR1 is dropped."""
+    down) ends the worker at once with status 0, as torch's own handler does (``_exit(EXIT_SUCCESS)`` in
+    ``torch/csrc/DataLoader.cpp``; the only ``os._exit`` of the package); any other SIGTERM or SIGUSR1 is
+    dropped."""
     while True:
         info = signal.sigwaitinfo(STOP_SIGNALS)
         if info.si_signo == signal.SIGTERM and info.si_pid == parent:

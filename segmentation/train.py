@@ -13,5 +13,11 @@ import sys
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # the repository root, for `scalablevit`
 from scalablevit.cli import run_mm_command  # noqa: E402
 
+
+def command(argv):
+    from scalablevit.mm.runner import train_main  # here: run_mm_command has checked the OpenMMLab stack
+    return train_main(argv, 'segmentation', osp.dirname(osp.abspath(__file__)))
+
+
 if __name__ == '__main__':
-    sys.exit(run_mm_command('train', 'segmentation', sys.argv[1:], osp.dirname(osp.abspath(__file__))))
+    sys.exit(run_mm_command(command, sys.argv[1:], training=True))

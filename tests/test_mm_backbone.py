@@ -183,7 +183,11 @@ def test_pretrained_wrong_checkpoint_names_the_keys(tmp_path):
 def test_found_by_mmdet_registry():
     from mmdet.registry import MODELS as mmdet_models
     model = mmdet_models.build(dict(type='ScalableViTBackbone', arch=TINY, out_indices=(3,)))
-    assert isinstance(model, ScalableViTBackbone)
+    assert type(model) is ScalableViTBackbone and model.out_indices == (3,)
+    direct = ScalableViTBackbone(arch=TINY, out_indices=(3,))
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in direct.named_parameters()]
+    outs = model.eval()(torch.zeros(1, 3, 64, 64))
+    assert len(outs) == 1 and outs[0].shape[-2:] == (2, 2)  # stage 4: stride 32
 
 
 def test_adapt_cfg_to_device_on_cpu():
@@ -208,13 +212,21 @@ def test_importing_scalablevit_mm_applies_the_patches_and_scalablevit_does_not()
     OpenMMLab."""
     import subprocess
     import sys
-    code = ('import torch, mmengine.dist.utils as u; from torch.serialization import get_safe_globals; '
-            'from mmengine.fileio.backends.local_backend import LocalBackend; before = u._init_dist_pytorch; '
-            'put = LocalBackend.put; import scalablevit, timm; timm.create_model("scalable_vit_small"); '
-            'assert u._init_dist_pytorch is before and LocalBackend.put is put, "patched by import scalablevit"; '
-            'assert not any("HistoryBuffer" in str(g) for g in get_safe_globals()), "safe globals added"; '
-            'import scalablevit.mm; assert u._init_dist_pytorch is not before and LocalBackend.put is not put; '
-            'assert any("HistoryBuffer" in str(g) for g in get_safe_globals()); print("ok")')
+    code = '\n'.join([
+        'import builtins, torch, mmengine.hooks.checkpoint_hook as hook',
+        'from mmengine.fileio import get_file_backend',
+        'from mmengine.registry import MODELS',
+        'from torch.serialization import get_safe_globals',
+        'safe = set(get_safe_globals())',
+        'import scalablevit, timm; timm.create_model("scalable_vit_small")',
+        'assert type(get_file_backend("/x.pth")).__name__ == "LocalBackend", "patched by import scalablevit"',
+        'assert "open" not in vars(hook) and "SyncBNCPU" not in MODELS.module_dict',
+        'import scalablevit.mm',
+        'assert type(get_file_backend("/x.pth")).__name__ == "AtomicLocalBackend"',
+        'assert hook.open.__name__ == "atomic_open" and "SyncBNCPU" in MODELS.module_dict',
+        'added = [g for g in get_safe_globals() if g not in safe and not g.__module__.startswith("torch")]',
+        'assert added == [], f"added to torch\'s allow-list: {added}"',
+        'print("ok")'])
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == 'ok', out.stderr[-2000:]
 

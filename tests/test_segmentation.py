@@ -125,7 +125,11 @@ def test_missing_data_is_a_clear_error(tmp_path):
     rc, out = _run([sys.executable, 'train.py', 'configs/scalablevit-s_fpn_4xb4-80k_ade20k-512x512.py',
                     '--work-dir', str(tmp_path), '--cfg-options', f'train_dataloader.dataset.data_root={tmp_path}/no'],
                    ok=False)
-    assert rc == 1 and 'data_root' in out and 'Traceback' not in out
+    lines = [line for line in out.splitlines() if line.startswith('error: ')]
+    assert rc == 1 and 'Traceback' not in out, out[-3000:]
+    assert lines == [f"error: train_dataloader: data_root '{tmp_path}/no' does not exist in {SEG} (see the README, "
+                     '"Data preparation" and "Your own data set"; --data-root DIR points elsewhere)'], out[-3000:]
+    assert not any(tmp_path.iterdir())  # stopped before the runner made its work dir
 
 
 @pytest.fixture(scope='module')

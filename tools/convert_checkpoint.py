@@ -49,7 +49,14 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a clone without installing
 import scalablevit  # noqa: E402,F401  (registers scalable_vit_small/base/large with timm)
-from scalablevit.checkpoint import atomic_write, load_checkpoint, load_state_dict_strict, recorded_config, tensor_bytes
+from scalablevit.checkpoint import (  # noqa: E402
+    atomic_copy,
+    atomic_write,
+    load_checkpoint,
+    load_state_dict_strict,
+    recorded_config,
+    tensor_bytes,
+)
 from scalablevit.cli import ParseKwargs
 from scalablevit.errors import UserError, run_main
 from scalablevit.model import resolve_arch
@@ -361,7 +368,7 @@ def write_timm_folder(model: nn.Module, meta: Dict, folder: str, check_size: Opt
             d2 = same_outputs('timm local-dir load', [want], [by_dir(x)])
         os.makedirs(folder, exist_ok=True)
         for name in os.listdir(tmp):
-            os.replace(os.path.join(tmp, name), os.path.join(folder, name))
+            atomic_copy(os.path.join(tmp, name), os.path.join(folder, name))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return [f'checked: timm.create_model(..., pretrained=True, pretrained_cfg_overlay=dict(file=...)) and '

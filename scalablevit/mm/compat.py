@@ -4,17 +4,20 @@
 
 1. (Checkpoints are read by :mod:`scalablevit.mm.checkpoint`, mmengine's loader of local files through its
    public ``CheckpointLoader.register_scheme``: no patch, and nothing added to torch's allow-list.)
-2. mmengine's PyTorch launcher (``mmengine.dist.utils._init_dist_pytorch``) always calls ``torch.cuda.set_device``;
-   without a GPU it initialises a gloo process group instead, so ``torchrun`` works on CPU.
+2. (``torchrun`` on CPU: ``scalablevit.mm.config.init_process_group`` sets up the gloo process group before the
+   ``Runner``, which then skips mmengine's launcher and its ``torch.cuda.set_device``: no patch.)
 3. ``SyncBN`` on CPU: torch's ``SyncBatchNorm`` only runs on accelerators. :class:`SyncBatchNormCPU` (registered
    as ``SyncBNCPU``) computes the batch statistics over all processes with a differentiable all-reduce (gloo), as
    SyncBN does on GPUs, so every process holds the same running statistics: validation during training equals
    testing the saved checkpoint. ``scalablevit.mm.config.adapt_cfg_to_device`` swaps ``SyncBN`` for it on CPU.
 4. Atomic files. mmengine writes checkpoints (scheduled, best, last), dumps and the ``last_checkpoint`` pointer in
-   place, so a kill or a full disk during a write leaves a truncated file under the final name. Local writes through
-   its file backend (``LocalBackend.put`` / ``put_text``) and the files ``CheckpointHook`` opens for writing go
-   through :func:`scalablevit.checkpoint.atomic_write` instead: a temporary file in the same folder, fsynced, then
-   renamed; a failure leaves what was there and is a one-line ``DiskWriteError`` (folder, bytes needed, bytes free).
+   place, so a kill or a full disk during a write leaves a truncated file under the final name. Local writes go
+   through :func:`scalablevit.checkpoint.atomic_write` instead (a temporary file in the same folder, fsynced, then
+   renamed; a failure leaves what was there and is a one-line ``DiskWriteError``: folder, bytes needed, bytes free):
+   the file backend of local paths is :class:`AtomicLocalBackend`, registered with mmengine's public
+   ``register_backend('local', ...)``, and the one file ``CheckpointHook`` opens itself (the ``last_checkpoint``
+   pointer, with the builtin ``open``) is opened with :func:`atomic_open`: the one patch of this module, listed
+   with its test in :mod:`scalablevit.upstream`.
 """
 import builtins
 import io
@@ -24,20 +27,12 @@ import mmengine.hooks.checkpoint_hook as _mm_checkpoint_hook
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from mmengine.dist import utils as _mm_dist_utils
-from mmengine.fileio.backends.local_backend import LocalBackend
+from mmengine.fileio import LocalBackend, register_backend
 from mmengine.registry import MODELS
 
 from ..checkpoint import atomic_write
 
-__all__ = ['SyncBatchNormCPU', 'atomic_open']
-
-
-def _init_dist_pytorch_any_device(backend: str, init_backend: str = 'torch', **kwargs) -> None:
-    """mmengine's PyTorch launcher, but gloo and no ``cuda.set_device`` when there is no GPU."""
-    if torch.cuda.is_available() or init_backend != 'torch':
-        return _ORIGINAL_INIT_DIST_PYTORCH(backend, init_backend=init_backend, **kwargs)
-    dist.init_process_group(backend='gloo', **kwargs)
+__all__ = ['AtomicLocalBackend', 'SyncBatchNormCPU', 'atomic_open']
 
 
 class SyncBatchNormCPU(nn.BatchNorm2d):
@@ -120,24 +115,21 @@ def atomic_open(file, mode: str = 'r', *args, **kwargs):
     return builtins.open(file, mode, *args, **kwargs)
 
 
-def _atomic_put(self, obj: bytes, filepath) -> None:
-    atomic_write(filepath, obj)
+class AtomicLocalBackend(LocalBackend):
+    """mmengine's file backend of local paths, whose ``put`` / ``put_text`` write atomically."""
 
+    def put(self, obj: bytes, filepath) -> None:
+        atomic_write(filepath, obj)
 
-def _atomic_put_text(self, obj: str, filepath, encoding: str = 'utf-8') -> None:
-    atomic_write(filepath, obj.encode(encoding))
+    def put_text(self, obj: str, filepath, encoding: str = 'utf-8') -> None:
+        atomic_write(filepath, obj.encode(encoding))
 
 
 def _apply():
-    global _ORIGINAL_INIT_DIST_PYTORCH
-    if getattr(_mm_dist_utils._init_dist_pytorch, '__name__', '') != _init_dist_pytorch_any_device.__name__:
-        _ORIGINAL_INIT_DIST_PYTORCH = _mm_dist_utils._init_dist_pytorch
-        _mm_dist_utils._init_dist_pytorch = _init_dist_pytorch_any_device
     if 'SyncBNCPU' not in MODELS.module_dict:
         MODELS.register_module('SyncBNCPU', module=SyncBatchNormCPU)
-    LocalBackend.put, LocalBackend.put_text = _atomic_put, _atomic_put_text
-    _mm_checkpoint_hook.open = atomic_open  # its only file it opens itself: the last_checkpoint pointer
+    register_backend('local', AtomicLocalBackend, force=True, prefixes='')
+    _mm_checkpoint_hook.open = atomic_open  # the last_checkpoint pointer (scalablevit.upstream)
 
 
-_ORIGINAL_INIT_DIST_PYTORCH = _mm_dist_utils._init_dist_pytorch
 _apply()

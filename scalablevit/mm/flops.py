@@ -12,24 +12,16 @@ import argparse
 import os.path as osp
 from typing import List, Optional
 
-from mmengine.config import Config, DictAction
+from mmengine.config import DictAction
 
-from ..errors import UserError
-from ..info import MacCount, count_macs, count_params
-from .config import build_model
+from ..info import count_macs, count_params
+from .config import build_model, read_config
 from .tasks import get_task
 
-__all__ = ['flops_main', 'model_flops']
+__all__ = ['flops_main']
 
 
-def model_flops(cfg: Config, task, shape) -> MacCount:
-    """Multiply-adds of the config's model (built on CPU, no pretrained weights) on one image of ``shape`` (H, W)."""
-    task = get_task(task)
-    model = build_model(cfg, task).eval()
-    return count_macs(model, task.dummy_forward(model, tuple(shape)))
-
-
-def flops_main(argv: Optional[List[str]], task, task_dir: Optional[str] = None) -> dict:
+def flops_main(argv: Optional[List[str]], task) -> dict:
     task = get_task(task)
     h, w = task.flops_shape
     parser = argparse.ArgumentParser(description=f'Parameters and FLOPs (multiply-adds) of a {task.name} config')
@@ -41,11 +33,7 @@ def flops_main(argv: Optional[List[str]], task, task_dir: Optional[str] = None) 
     if len(args.shape) > 2:
         parser.error('--shape takes H or H W')
     shape = (args.shape[0], args.shape[-1])
-    if not osp.isfile(args.config):
-        raise UserError(f'config file not found: {args.config}')
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
+    cfg = read_config(args.config, args.cfg_options)
     task.check_scope(cfg)
     model = build_model(cfg, task).eval()
     macs = count_macs(model, task.dummy_forward(model, shape))

@@ -33,9 +33,10 @@ import argparse
 import logging
 import os.path as osp
 import sys
+import warnings
 from typing import List, Optional, Sequence
 
-from mmengine.config import Config, DictAction
+from mmengine.config import DictAction
 from mmengine.logging import print_log
 
 from ..checkpoint import check_state_dict
@@ -43,6 +44,7 @@ from ..cli import collect_images
 from ..errors import UserError
 from ..model import unwrap_state_dict
 from .checkpoint import load_mm_checkpoint
+from .config import read_config
 from .tasks import get_task
 
 __all__ = ['predict_main']
@@ -69,37 +71,29 @@ def _readable(path: str) -> Optional[str]:
     return None
 
 
+def _dataset_meta(task, cfg, checkpoint: dict) -> dict:
+    """Class names (and palette) of the predictions: the checkpoint's (``meta.dataset_meta``, written by the
+    training runner), else the config's test data set's, never COCO's / Cityscapes' defaults."""
+    meta = checkpoint.get('meta', {}).get('dataset_meta')
+    if not meta:
+        ds_cfg = dict(cfg.test_dataloader.dataset, lazy_init=True)
+        meta = task.registry('DATASETS').build(ds_cfg).metainfo
+    meta = {k.lower(): v for k, v in meta.items()}
+    return {k: meta[k] for k in ('classes', 'palette') if meta.get(k) is not None}
+
+
 def _make_inferencer(task, cfg, checkpoint: dict, weights: str, device: str):
-    """mmdet's DetInferencer / mmseg's MMSegInferencer, with the checkpoint already read and checked strictly."""
-    from mmengine.registry import MODELS
-
-    datasets = task.registry('DATASETS')
-
-    class Inferencer(task.inferencer_class()):
-        def _init_model(self, cfg, weights_, device_):
-            # BaseInferencer._init_model without its own (non-strict, unsafe) checkpoint read.
-            if cfg.model.get('pretrained') is not None:
-                del cfg.model.pretrained
-            model = MODELS.build(cfg.model)
-            model.cfg = cfg
-            check_state_dict(model, unwrap_state_dict(checkpoint), weights,
-                             hint='predict needs a checkpoint that train.py wrote for this config')
-            self._load_weights_to_model(model, checkpoint, cfg)
-            model.to(device_)
-            model.eval()
-            return model
-
-        def _load_weights_to_model(self, model, checkpoint_, cfg):
-            super()._load_weights_to_model(model, checkpoint_, cfg)
-            if 'dataset_meta' not in checkpoint_.get('meta', {}):
-                # no names in the checkpoint: the config's test data set (not COCO's / Cityscapes' defaults)
-                ds_cfg = dict(cfg.test_dataloader.dataset, lazy_init=True)
-                meta = datasets.build(ds_cfg).metainfo
-                model.dataset_meta = dict(model.dataset_meta, classes=meta['classes'])
-                if meta.get('palette') is not None:
-                    model.dataset_meta['palette'] = meta['palette']
-
-    inferencer = Inferencer(model=cfg, weights=weights, device=device, scope=task.scope)
+    """mmdet's DetInferencer / mmseg's MMSegInferencer built without weights (so it reads no file itself), then the
+    checkpoint, already read as data, checked against the model and loaded strictly, and the class names set."""
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', UserWarning)  # "weights is None, use COCO classes": both come next
+        inferencer = task.inferencer_class()(model=cfg, weights=None, device=device, scope=task.scope)
+    model = inferencer.model
+    state_dict = unwrap_state_dict(checkpoint)
+    check_state_dict(model, state_dict, weights, hint='predict needs a checkpoint that train.py wrote for this config')
+    model.load_state_dict(state_dict)
+    model.dataset_meta = {**getattr(model, 'dataset_meta', {}), **_dataset_meta(task, cfg, checkpoint)}
+    inferencer.visualizer.dataset_meta = model.dataset_meta  # DetInferencer's copy (MMSegInferencer's: each draw)
     inferencer.show_progress = False
     return inferencer
 
@@ -120,7 +114,7 @@ def build_parser(task) -> argparse.ArgumentParser:
     return parser
 
 
-def predict_main(argv: Optional[List[str]], task, task_dir: Optional[str] = None) -> dict:
+def predict_main(argv: Optional[List[str]], task) -> dict:
     """Predict; returns ``dict(predicted=[paths], skipped={path: reason})``."""
     import torch
 
@@ -138,9 +132,7 @@ def predict_main(argv: Optional[List[str]], task, task_dir: Optional[str] = None
     if device.startswith('cuda') and not torch.cuda.is_available():
         raise UserError(f'--device {device}: no CUDA device here; use --device cpu')
 
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
+    cfg = read_config(args.config, args.cfg_options)
     task.check_scope(cfg)
     inferencer = _make_inferencer(task, cfg, checkpoint, args.weights, device)
 

@@ -21,7 +21,6 @@ Atomic checkpoint files (every write of mmengine's, and the ``last_checkpoint`` 
 import copy
 import itertools
 import logging
-import os
 import os.path as osp
 import random
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -35,7 +34,7 @@ from mmengine.registry import DATA_SAMPLERS, HOOKS, LOOPS
 from mmengine.runner import EpochBasedTrainLoop, IterBasedTrainLoop
 from torch.utils.data import BatchSampler
 
-from ..checkpoint import CheckpointError, atomic_write
+from ..checkpoint import CheckpointError, atomic_write, checkpoint_files
 from ..errors import StoppedToResume, UserError
 from ..signals import StopOnSignal, guard_loader_workers
 from .checkpoint import load_mm_checkpoint
@@ -480,16 +479,6 @@ def _optimizer_stepped(optim_wrapper) -> bool:
 # ---------------------------------------------------------------------------------------------------------------------
 # Which checkpoint to resume from
 
-def _checkpoints(work_dir: str) -> List[str]:
-    """The work dir's ``*.pth`` files, newest first (atomic writes: the modification time is when it was done)."""
-    try:
-        names = [n for n in os.listdir(work_dir) if n.endswith('.pth')]
-    except OSError:
-        return []
-    paths = [osp.join(work_dir, n) for n in names if osp.isfile(osp.join(work_dir, n))]
-    return sorted(paths, key=lambda p: (osp.getmtime(p), p), reverse=True)
-
-
 def unreadable_reason(path: str) -> Optional[str]:
     """Why ``path`` cannot be resumed from (not a checkpoint, truncated, no training state), or ``None``.
 
@@ -510,7 +499,7 @@ def find_resume_checkpoint(work_dir: str) -> Tuple[Optional[str], List[Tuple[str
     """(the newest checkpoint of ``work_dir`` that can be resumed from, or None; the newer ones that cannot, each
     with its reason)."""
     bad = []
-    for path in _checkpoints(work_dir):
+    for path in checkpoint_files(work_dir):
         reason = unreadable_reason(path)
         if reason is None:
             return path, bad
