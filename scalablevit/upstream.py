@@ -58,4 +58,11 @@ PATCHES: Tuple[UpstreamPatch, ...] = (
             '13 raises for 0 bits, where the recipe got a black image',
         written_against='timm 1.0.31, Pillow 13.0',
         test='tests/test_upstream.py::test_timm_randaugment_holds_posterize_as_aug_fn'),
+    UpstreamPatch(
+        upstream="torch.distributed's gloo backend: a collective whose peer process is gone raises a plain "
+                 'RuntimeError (not DistError) whose text names gloo/transport (its TCP pair)',
+        ours='scalablevit.cli._peer_lost: the one place that reads an error message',
+        why='the processes that outlive the one that failed print one "lost contact" line, not a traceback',
+        written_against='torch 2.14.1',
+        test='tests/test_classification_errors.py::test_unreadable_image_under_torchrun'),
 )

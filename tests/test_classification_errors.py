@@ -2,6 +2,7 @@
 before the data set is scanned or a model is built where the command line alone tells, and no output folder left
 behind. One test per row of the README's troubleshooting table."""
 import resource
+import shutil
 from collections import namedtuple
 
 import pytest
@@ -125,7 +126,7 @@ def test_disk_full_while_saving(cls, run_cli, tmp_path, monkeypatch):
 
     Usage = namedtuple('Usage', 'total used free')
     monkeypatch.setattr(utils, 'save_checkpoint', save_with_full_disk)
-    monkeypatch.setattr(utils.shutil, 'disk_usage', lambda p: Usage(2 ** 30, 2 ** 30 - 2 ** 20, 2 ** 20 // 4))
+    monkeypatch.setattr(shutil, 'disk_usage', lambda p: Usage(2 ** 30, 2 ** 30 - 2 ** 20, 2 ** 20 // 4))
     make_image_folder(tmp_path / 'data')
     status, line = run_cli([*TINY, '--data-path', tmp_path / 'data', '--input-size', '32', '--batch-size', '4',
                             '--num_workers', '0', '--epochs', '2', '--output_dir', out], allow_work=True)
