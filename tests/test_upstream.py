@@ -23,8 +23,10 @@ def test_every_patch_names_a_test_that_exists():
         assert patch.written_against and patch.why and patch.ours
 
 
-def _toy_runner(work_dir, max_epochs=2, **hook):
-    """mmengine's Runner on a two-parameter model: the hooks' file handling, in a second."""
+def _toy_runner(work_dir, max_epochs=2, validate=False, **hook):
+    """mmengine's Runner on a two-parameter model: the hooks' file handling, in a second. ``validate``: a
+    validation after every epoch whose ``acc`` rises each time (every epoch is a new best)."""
+    from mmengine.evaluator import BaseMetric
     from mmengine.model import BaseModel
     from mmengine.runner import Runner
 
@@ -34,12 +36,23 @@ def _toy_runner(work_dir, max_epochs=2, **hook):
             self.w = torch.nn.Linear(2, 1)
 
         def forward(self, x, mode='loss'):
-            return dict(loss=self.w(x).pow(2).mean())
+            return dict(loss=self.w(x).pow(2).mean()) if mode == 'loss' else [dict()]
+
+    class Rising(BaseMetric):
+        calls = 0
+
+        def process(self, data_batch, data_samples):
+            self.results.append(1)
+
+        def compute_metrics(self, results):
+            Rising.calls += 1
+            return dict(acc=float(Rising.calls))
 
     loader = torch.utils.data.DataLoader([torch.ones(2)] * 2, batch_size=1,
                                          collate_fn=lambda b: dict(x=torch.stack(b)))
-    return Runner(model=Toy(), work_dir=str(work_dir), train_dataloader=loader,
-                  train_cfg=dict(by_epoch=True, max_epochs=max_epochs),
+    val = dict(val_dataloader=loader, val_cfg=dict(), val_evaluator=[Rising()]) if validate else {}
+    return Runner(model=Toy(), work_dir=str(work_dir), train_dataloader=loader, **val,
+                  train_cfg=dict(by_epoch=True, max_epochs=max_epochs, val_interval=1),
                   optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.1)),
                   default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=1, **hook)),
                   default_scope='mmengine')
@@ -85,6 +98,26 @@ def test_checkpoint_hook_keeps_max_keep_ckpts(tmp_path):
     """The deferred removals do happen, once the new checkpoint is written."""
     _toy_runner(tmp_path, max_epochs=3, max_keep_ckpts=1).train()
     assert sorted(p.name for p in tmp_path.glob('*.pth')) == ['epoch_3.pth']
+
+
+def test_checkpoint_hook_keeps_the_previous_best_until_the_new_best_is_written(tmp_path):
+    """``save_best``: mmengine removes the previous best checkpoint, then saves the new one."""
+    runner = _toy_runner(tmp_path / 'fail', max_epochs=3, validate=True, save_best='acc', rule='greater')
+    save = runner.save_checkpoint
+
+    def failing_save(out_dir, filename, *args, **kwargs):
+        if filename.startswith('best_') and filename.endswith('epoch_2.pth'):
+            raise OSError(28, 'No space left on device')
+        return save(out_dir, filename, *args, **kwargs)
+    runner.save_checkpoint = failing_save
+    with pytest.raises(OSError, match='No space'):
+        runner.train()
+    assert (tmp_path / 'fail' / 'best_acc_epoch_1.pth').is_file()
+
+    _toy_runner(tmp_path / 'ok', max_epochs=3, validate=True, save_best='acc', rule='greater',
+                max_keep_ckpts=1).train()
+    assert sorted(p.name for p in (tmp_path / 'ok').glob('*.pth')) == ['best_acc_epoch_3.pth', 'epoch_3.pth']
+    assert load_mm_checkpoint(tmp_path / 'ok' / 'best_acc_epoch_3.pth')['meta']['epoch'] == 3
 
 
 def test_iter_based_loop_skips_by_calling_next_then_trains():
