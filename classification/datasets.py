@@ -1,8 +1,10 @@
-"""Data sets and transforms: ImageNet-style ImageFolder (``IMNET``) and the built-in ``DIGITS`` first-run set."""
+"""Data sets and transforms: ImageNet-style ImageFolder (``IMNET``) and the built-in sets (:data:`BUILT_IN`): ``DIGITS``
+(the first run) and ``SHAPES`` (the pretraining of the detection and segmentation first runs)."""
 import argparse
 import os
 from typing import Any, Callable, Dict, Optional, Tuple
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
@@ -11,12 +13,13 @@ from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 from torchvision.transforms import v2
 
+from scalablevit import shapes
 from scalablevit.errors import UserError
 
 # isort: split
 from utils import plain
 
-DATA_SETS = ('IMNET', 'DIGITS')
+DATA_SETS = ('IMNET', 'DIGITS', 'SHAPES')
 
 
 def read_image(path: str) -> Image.Image:
@@ -47,8 +50,8 @@ def _image_folder(root: str, split: str, transform: Callable) -> datasets.ImageF
 
 def build_dataset(is_train: bool, args: argparse.Namespace) -> Tuple[Dataset, int]:
     """The train or val split of ``args.data_set`` and its number of classes."""
-    if args.data_set == 'DIGITS':
-        dataset = DigitsDataset(is_train, args.input_size)
+    if args.data_set in BUILT_IN:
+        dataset = BUILT_IN[args.data_set](is_train, args.input_size)
         return dataset, dataset.num_classes
     if args.data_set == 'IMNET':
         if args.data_path is None:
@@ -121,12 +124,11 @@ def eval_pretrained_cfg(args: argparse.Namespace) -> Dict[str, Any]:
     Recorded in every checkpoint (``meta['pretrained_cfg']``) and turned into the transform by
     :func:`build_eval_transform`, so ``main.py --eval`` and ``predict.py`` preprocess alike. Plain types only.
     ImageFolder data: bicubic resize to ``input_size / eval_crop_ratio``, center crop, ImageNet mean/std (any
-    size, also <= 32). DIGITS: bilinear resize of the whole 8x8 image to ``input_size`` (no crop), mean/std 0.5.
+    size, also <= 32). The built-in sets: their ``eval_cfg``.
     """
     size = args.input_size
-    if args.data_set == 'DIGITS':
-        return dict(input_size=(3, size, size), interpolation='bilinear', crop_pct=1.0, crop_mode='center',
-                    mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    if args.data_set in BUILT_IN:
+        return BUILT_IN[args.data_set].eval_cfg(size)
     return dict(input_size=(3, size, size), interpolation='bicubic', crop_pct=float(args.eval_crop_ratio),
                 crop_mode='center', mean=tuple(IMAGENET_DEFAULT_MEAN), std=tuple(IMAGENET_DEFAULT_STD))
 
@@ -181,12 +183,17 @@ class DigitsDataset(Dataset):
         self.images = [self.to_image(digits.images[i]) for i in idx]
         self.targets = [int(digits.target[i]) for i in idx]
         if transform is None:
-            cfg = eval_pretrained_cfg(argparse.Namespace(data_set='DIGITS', input_size=input_size))
-            transform = build_eval_transform(cfg)
+            transform = build_eval_transform(self.eval_cfg(input_size))
             if is_train:
                 transform = transforms.Compose(
                     [transform, v2.RandomCrop(input_size, padding=input_size // 8, fill=-1.0)])
         self.transform = transform
+
+    @staticmethod
+    def eval_cfg(size: int) -> Dict[str, Any]:
+        """Bilinear resize of the whole 8x8 image to ``size`` (no crop), mean/std 0.5."""
+        return dict(input_size=(3, size, size), interpolation='bilinear', crop_pct=1.0, crop_mode='center',
+                    mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
     @staticmethod
     def to_image(counts) -> Image.Image:
@@ -199,3 +206,51 @@ class DigitsDataset(Dataset):
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
         return self.transform(self.images[index].convert('RGB')), self.targets[index]
+
+
+class ShapesDataset(Dataset):
+    """Crops of the shapes scenes that the detection and segmentation first runs train on (:mod:`scalablevit.shapes`):
+    one square, disc or triangle per 64x64 image, in a random flat colour on blurred noise, labelled by its outline.
+
+    Drawn once when built, from fixed seeds (4,000 train images from seed 0, 1,000 val images from seed 1: never the
+    same images). The shapes have the pixel size of those in the 128-pixel detection and segmentation scenes, and
+    the images are normalised with ImageNet's mean/std in RGB, as mmdet's and mmseg's data preprocessors do, so a
+    backbone trained here starts those runs on pixels it knows (README, "Pretraining that carries over"). Other
+    ``--input-size`` values resize the 64x64 images; training adds horizontal and vertical flips, which keep the
+    class.
+    """
+
+    num_classes = len(shapes.CLASSES)
+    classes = list(shapes.CLASSES)
+    image_size = 64
+    sizes = dict(train=(4000, 0), val=(1000, 1))  # split: (images, seed)
+
+    def __init__(self, is_train: bool, input_size: int = 64, transform: Optional[Callable] = None):
+        num, seed = self.sizes['train' if is_train else 'val']
+        rng = np.random.default_rng(seed)
+        self.images, self.targets = [], []
+        for _ in range(num):
+            image, category = shapes.crop(rng, self.image_size)
+            self.images.append(Image.fromarray(image))
+            self.targets.append(category)
+        if transform is None:
+            transform = build_eval_transform(self.eval_cfg(input_size))
+            if is_train:
+                transform = transforms.Compose([transform, v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()])
+        self.transform = transform
+
+    @staticmethod
+    def eval_cfg(size: int) -> Dict[str, Any]:
+        """Bilinear resize of the whole image to ``size`` (no crop), ImageNet mean/std."""
+        return dict(input_size=(3, size, size), interpolation='bilinear', crop_pct=1.0, crop_mode='center',
+                    mean=tuple(IMAGENET_DEFAULT_MEAN), std=tuple(IMAGENET_DEFAULT_STD))
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+        return self.transform(self.images[index]), self.targets[index]
+
+
+# The built-in data sets: --data-set NAME, no --data-path; each has num_classes, classes and eval_cfg(input_size).
+BUILT_IN = {'DIGITS': DigitsDataset, 'SHAPES': ShapesDataset}

@@ -8,58 +8,40 @@ Layout: COCO's (data/coco/), so every config reads it with ``--data-root OUT``::
     OUT/annotations/instances_train2017.json   OUT/train2017/000000.jpg ...
     OUT/annotations/instances_val2017.json     OUT/val2017/000000.jpg ...
 
-Each image holds 1-3 non-overlapping objects of three categories (square, disc, triangle) in random flat colours;
-every object has a box and a polygon mask, ``iscrowd`` 0. The output depends only on ``--seed``.
+Each image holds 1-3 non-overlapping objects of three categories (square, disc, triangle) in random flat colours on
+blurred noise (the scenes of ``scalablevit.shapes``, which the segmentation and classification first runs share);
+every object has a box and a polygon mask, ``iscrowd`` 0. The output depends only on ``--seed``; the val images come
+after the train images in one random stream, so none is a train image.
 """
 import argparse
 import json
 import logging
-import math
 import os
 import os.path as osp
+import sys
 from typing import Dict, List, Optional, Sequence
 
-import cv2
 import numpy as np
+from PIL import Image
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))  # the repository root
+from scalablevit import shapes  # noqa: E402  (the scenes, shared with classification and segmentation)
 
 _logger = logging.getLogger('make_tiny_coco')
 
-CATEGORIES = [dict(id=1, name='square'), dict(id=2, name='disc'), dict(id=3, name='triangle')]
-
-
-def _polygon(category: int, cx: float, cy: float, r: float, angle: float) -> np.ndarray:
-    """Outline of one shape, (K, 2) float pixel coordinates."""
-    if category == 1:
-        n, phase = 4, angle
-    elif category == 2:
-        n, phase = 24, 0.
-    else:
-        n, phase = 3, angle
-    t = phase + 2 * math.pi * np.arange(n) / n
-    return np.stack([cx + r * np.cos(t), cy + r * np.sin(t)], axis=1)
+CATEGORIES = [dict(id=i + 1, name=name) for i, name in enumerate(shapes.CLASSES)]  # square, disc, triangle
 
 
 def _image(rng: np.random.Generator, size: int, image_id: int, first_ann_id: int):
-    img = rng.normal(110, 25, size=(size, size, 3)).clip(0, 255).astype(np.uint8)
-    img = cv2.GaussianBlur(img, (5, 5), 0)
-    anns, taken = [], []
-    for _ in range(int(rng.integers(1, 4))):
-        for _attempt in range(20):
-            r = float(rng.uniform(0.12, 0.25) * size)
-            cx, cy = rng.uniform(r + 1, size - r - 1, size=2)
-            if all(math.hypot(cx - x, cy - y) > r + q + 2 for x, y, q in taken):
-                break
-        else:
-            continue
-        taken.append((cx, cy, r))
-        category = int(rng.integers(1, 4))
-        poly = _polygon(category, cx, cy, r, float(rng.uniform(0, math.pi)))
-        colour = [int(c) for c in rng.integers(0, 256, size=3)]
-        cv2.fillPoly(img, [np.round(poly).astype(np.int32)], colour)
+    img, objects = shapes.scene(rng, size)
+    anns = []
+    for obj in objects:
+        poly = obj.polygon
         x0, y0 = poly.min(0)
         x1, y1 = poly.max(0)
-        area = float(cv2.contourArea(poly.astype(np.float32)))
-        anns.append(dict(id=first_ann_id + len(anns), image_id=image_id, category_id=category, iscrowd=0,
+        x, y = poly[:, 0], poly[:, 1]
+        area = float(abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))) / 2)  # the shoelace formula
+        anns.append(dict(id=first_ann_id + len(anns), image_id=image_id, category_id=obj.category + 1, iscrowd=0,
                          bbox=[round(float(x0), 2), round(float(y0), 2), round(float(x1 - x0), 2),
                                round(float(y1 - y0), 2)],
                          area=round(area, 2), segmentation=[[round(float(v), 2) for v in poly.reshape(-1)]]))
@@ -73,7 +55,7 @@ def make_split(out: str, split: str, num_images: int, size: int, rng: np.random.
     for i in range(num_images):
         img, anns = _image(rng, size, image_id=i + 1, first_ann_id=len(annotations) + 1)
         name = f'{i:06d}.jpg'
-        cv2.imwrite(osp.join(out, split, name), img, [cv2.IMWRITE_JPEG_QUALITY, 95])
+        Image.fromarray(img).save(osp.join(out, split, name), quality=95)
         images.append(dict(id=i + 1, file_name=name, height=size, width=size))
         annotations += anns
     coco = dict(info=dict(description=f'tiny shapes, {split}'), licenses=[], images=images,

@@ -17,8 +17,4 @@ auto_scale_lr = dict(enable=False, base_batch_size=16)
 default_hooks = dict(logger=dict(interval=4), checkpoint=dict(interval=1, max_keep_ckpts=2))
 log_processor = dict(window_size=4)
 
-# A small ScalableViT (every block type and all four stages, a fraction of S's width and depth).
-tiny_arch = dict(embed_dims=(32, 64, 96, 128), num_heads=(1, 2, 3, 4), depths=(2, 2, 2, 2),
-                 sr_ratios=(8, 4, 2, 1), c_ratios=(1.25, 1.25, 1.25, 1))
-
 randomness = dict(seed=0)
