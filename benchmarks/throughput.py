@@ -37,11 +37,13 @@ the table shows the median over repeats. Examples::
     python benchmarks/throughput.py --models scalable_vit_small --impl fast --compile yes --json row.json
 """
 import argparse
+import atexit
 import copy
 import json
 import logging
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -424,6 +426,7 @@ def engine_runner(impl: str, model: torch.nn.Module, dtype: str, img_size: int):
     if key not in _EXPORTS:
         if not _EXPORT_DIR:
             _EXPORT_DIR.append(tempfile.mkdtemp(prefix='throughput-export-'))
+            atexit.register(shutil.rmtree, _EXPORT_DIR[0], True)  # S's files are ~250 MB per export
         path = os.path.join(_EXPORT_DIR[0], f'{len(_EXPORTS)}.{"onnx" if fmt == "onnx" else "xml"}')
         n = getattr(model, 'num_classes', 0) or 1
         meta = serving_meta(model, [str(i) for i in range(n)], dict(input_size=(3, img_size, img_size)))

@@ -1,7 +1,7 @@
 """tools/export.py and scalablevit.serving: exports to ONNX, OpenVINO IR and an AOTInductor package round-trip
 (outputs of every engine against eager at two image sizes and several batch sizes, metadata read back), the
 feature pyramid, the refusal of an export that does not match eager, int8 with its accuracy on held-out DIGITS,
-and bad inputs as one line.
+benchmarks/throughput.py's engine rows, and bad inputs as one line.
 
 Tiny S-shaped models on CPU (the classification tests' two-stage model, and the four-stage one of conftest with
 S's SSA ratios); each export takes seconds, the AOTInductor one about 20 s.
@@ -116,6 +116,7 @@ def test_feature_pyramid_to_onnx(tmp_path, export_tool, capsys):
     assert rel_err(got, want) < 1e-4
 
 
+@pytest.mark.slow
 def test_pt2_package_and_predict_with_it(tmp_path, export_tool, cls_dir, capsys):
     model = tiny()
     save_checkpoint(tmp_path / 'ckpt.pth', model)
@@ -234,6 +235,43 @@ def test_bad_inputs_are_one_line_errors(tmp_path, export_tool, capsys, monkeypat
         serving.quantize_openvino(object(), [np.zeros((1, 3, 8, 8), np.float32)])
 
 
+@pytest.mark.slow
+def test_throughput_engine_rows(tmp_path, tiny_args):
+    """benchmarks/throughput.py --impl onnxruntime openvino: engine rows beside ours on the same input, fp32 ones
+    checked against eager, bf16 and int8 OpenVINO rows, the serving lines, the engines' profiles, and the
+    exported files removed at exit."""
+    import subprocess
+    out = tmp_path / 'rows.json'
+    scratch = tmp_path / 'tmp'
+    scratch.mkdir()
+    cmd = [sys.executable, str(REPO / 'benchmarks' / 'throughput.py'), '--device', 'cpu', '--models',
+           'scalable_vit_small', '--model-args', json.dumps(tiny_args), '--img-size', '64', '--batch', '2',
+           '--impl', 'fast', 'onnxruntime', 'openvino', '--dtype', 'fp32', 'bf16', 'int8', '--warmup', '0',
+           '--repeats', '1', '--no-mem', '--no-limit', '--breakdown', '--threads', '1', '--json', str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False,
+                          env=dict(os.environ, TMPDIR=str(scratch)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {(r['impl'], r['dtype']): r for r in json.loads(out.read_text())}
+    assert set(rows) == {('fast', 'fp32'), ('fast', 'bf16'), ('onnxruntime', 'fp32'), ('openvino', 'fp32'),
+                         ('openvino', 'bf16'), ('openvino', 'int8')}  # no bf16 ONNX Runtime, no int8 torch row
+    for impl in ('onnxruntime', 'openvino'):
+        assert rows[impl, 'fp32']['max_rel_err_vs_eager'] < 1e-4
+        assert sum(rows[impl, 'fp32']['breakdown_s'].values()) > 0  # the engine's own profile
+    assert 0 < rows['openvino', 'bf16']['max_rel_err_vs_eager'] < 5e-2
+    assert all(r['img_per_s'] > 0 for r in rows.values())
+    serving = json.loads(out.with_suffix('.summary.json').read_text())['serving']
+    assert {(s['dtype'], s['engine']) for s in serving} == {('fp32', 'openvino'), ('bf16', 'openvino'),
+                                                           ('int8', 'openvino')} or \
+        {(s['dtype'], s['engine']) for s in serving} == {('fp32', 'onnxruntime'), ('bf16', 'openvino'),
+                                                        ('int8', 'openvino')}
+    fp32 = next(s for s in serving if s['dtype'] == 'fp32')
+    best = max(rows['onnxruntime', 'fp32']['img_per_s'], rows['openvino', 'fp32']['img_per_s'])
+    assert fp32['ours'] == 'fast' and fp32['ours_vs_engine'] == pytest.approx(
+        rows['fast', 'fp32']['img_per_s'] / best, rel=1e-2)
+    assert 'Serving (our best form vs the best engine, same inputs and threads):' in proc.stdout
+    assert not list(scratch.glob('throughput-export-*'))  # the exports are gone
+
+
 @pytest.mark.parametrize('missing', ['onnx'])
 def test_missing_onnx_packages(tmp_path, monkeypatch, missing):
     monkeypatch.setitem(sys.modules, missing, None)
@@ -242,6 +280,7 @@ def test_missing_onnx_packages(tmp_path, monkeypatch, missing):
         export_model(model, str(tmp_path / 'm.onnx'), 'onnx', serving_meta(model, CLASSES, PREPROCESS), (3, 32, 32))
 
 
+@pytest.mark.slow
 def test_int8_on_digits_keeps_its_accuracy_and_predict_agrees(tmp_path, export_tool, cls_dir, capsys):
     """DIGITS trained for a few epochs, int8 calibrated on training digits and measured on the 360 held-out ones;
     predict.py with the int8 file gives the top-1 the tool recorded, and the fp32 one that of the checkpoint."""
