@@ -11,7 +11,9 @@ needs a package the machine lacks (mmcv with mmdet or mmseg, torchvision), with 
 to ``DIR/device_check.json`` (every step's status, seconds, numbers and the throughput rows) and
 ``DIR/device_check.md`` (a summary with the speed targets); the output of every command is appended to
 ``DIR/device_check.log``. Scratch files (checkpoints, work dirs, data) go to ``--work`` (a temporary folder).
-Every command runs with this interpreter (``sys.executable``).
+Every command runs with this interpreter (``sys.executable``). This file runs the steps under the budget; the
+report is ``device_report.py`` (pure functions of the results) and the det/seg speed is ``device_fps.py`` (a
+process of its own per model).
 
 Steps, in order: ``env``; ``train`` (``throughput.py`` training steps at batch 64, 224 px: ScalableViT-S fast vs
 the released computation (``reference``) vs Swin-T, eager, fp16 and bf16, with peak memory; then S and Swin-T
@@ -45,8 +47,20 @@ import traceback
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-REPO = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
 sys.path.insert(0, str(REPO))  # run from a clone without installing
+
+def _load(name: str, path: Path):
+    """A benchmarks/ script as a module."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+report = _load('device_report', HERE / 'device_report.py')  # device_check.md, pure functions
+OURS, PEER, DRY_PEER = report.OURS, report.PEER, report.DRY_PEER
 
 # The tiny ScalableViT of the tests (every block type and SSA channel ratio), for the CPU dry run.
 TINY_ARGS = dict(embed_dims=[32, 64, 96, 128], num_heads=[1, 2, 3, 4], depths=[2, 2, 2, 2],
@@ -59,16 +73,11 @@ MICRO_ARGS = dict(embed_dims=[32], num_heads=[2], depths=[2], mlp_ratios=[2], ws
                   c_ratios=[1.25], mlp_head=False)
 TOLERANCE = {'fp32': 1e-4, 'fp16': 1e-2, 'bf16': 5e-2}  # max |out - ref| / max |ref| of the logits
 
-OURS = 'scalable_vit_small'
-PEER = 'swin_tiny_patch4_window7_224'  # the peer of the targets; the dry run's is the smallest PVTv2
-DRY_PEER = 'pvt_v2_b0'
-OUR_FORMS = ('fast', 'optimized', 'checkpointed')  # throughput.py's forms of the library model (not the reference)
 # Feature-pyramid inputs (H, W) and batch: RetinaNet's 1333x800 padded to a multiple of 32 as mmdet's data
 # preprocessor feeds it, UperNet's 2048x512 test size; batch 2, the per-GPU batch of both training configs.
 PYRAMID = {'det': ((800, 1344), 2), 'seg': ((512, 2048), 2)}
 
-# Seconds each step needs on one H100/H200: guesses, no GPU session has timed them yet (compiling is the large
-# unknown: a training graph of S or Swin-T takes Inductor a minute or more). ``train`` counts its eager part and one
+# Seconds each step is planned to take on one H100/H200 (estimates). ``train`` counts its eager part and one
 # compiled dtype (``train_compiled``: S and Swin-T); each compiled dtype runs only while the budget holds it and
 # the estimates of the RESERVED steps after it.
 ESTIMATE_S = dict(env=2, train=170, train_compiled=130, correctness=30, throughput=90, det_pyramid=20,
@@ -528,7 +537,7 @@ class DeviceCheck:
             config, shape, iters = (DET_TINY if kind == 'det' else SEG_TINY), (64, 96), 2
         else:
             config, shape, iters = (DET_CONFIG, (800, 1333), 30) if kind == 'det' else (SEG_CONFIG, (512, 2048), 30)
-        cmd = self.python() + [str(Path(__file__).resolve()), '--fps', kind, '--config', str(folder / config),
+        cmd = self.python() + [str(HERE / 'device_fps.py'), kind, '--config', str(folder / config),
                                '--device', self.device, '--shape', str(shape[0]), str(shape[1]), '--iters', str(iters)]
         text = self.sh(cmd, cwd=folder, timeout=240)
         found = [line for line in text.splitlines() if line.startswith('FPS_RESULT ')]
@@ -547,168 +556,19 @@ class DeviceCheck:
         (self.out / 'device_check.md').write_text(self.markdown())
 
     def markdown(self) -> str:
-        env = next((s['data'] for s in self.steps if s['name'] == 'env'), {})
-        lines = [f'# Device check{" (dry run on CPU)" if self.dry_run else ""}', '',
-                 f'Device: {env.get("gpu", env.get("device", "?"))}; torch {env.get("torch", "?")}, '
-                 f'CUDA {env.get("cuda", "-")}, timm {env.get("timm", "?")}, mmdet {env.get("mmdet", "-")}, '
-                 f'mmseg {env.get("mmseg", "-")}. Elapsed {time.time() - self.t0:.0f} s of a {self.budget_s:.0f} s '
-                 f'budget.', '', '| step | status | seconds | note |', '| --- | --- | --- | --- |']
-        for s in self.steps:
-            lines.append(f'| {s["name"]} | {s["status"]} | {s["seconds"]} | {(s["error"] or "").replace("|", "/")} |')
-        lines += ['', '## Targets', ''] + self._targets()
-        corr = next((s['data'] for s in self.steps if s['name'] == 'correctness' and s['data']), None)
-        if corr:
-            lines += ['', '## Correctness (max |out - ref| / max |ref| of the logits)', '',
-                      '| model | path | dtype | input | against | rel. error | tolerance | ok |',
-                      '| --- | --- | --- | --- | --- | --- | --- | --- |']
-            lines += [f'| {r["model"]} | {r["path"]} | {r["dtype"]} | {r["input"]} | {r["against"]} | '
-                      f'{r["rel_err"]:.2e} | {r["tol"]:.0e} | {"yes" if r["ok"] else "**no**"} |' for r in corr['rows']]
-        pyramids = [(s['name'], s['data']) for s in self.steps if s['name'].endswith('_pyramid') and s['data']]
-        if pyramids:
-            lines += ['', '## Feature pyramid of the backbone (timm features_only, random weights)', '',
-                      '| step | model | input | dtype | mode | img/s | ms/step | peak MB |',
-                      '| --- | --- | --- | --- | --- | --- | --- | --- |']
-            lines += [f'| {name} | {d["model"]} | {d["input"]} | {r["dtype"]} | {r["mode"]} | {r["img_per_s"]} | '
-                      f'{r["ms_per_step"]} | {r["peak_mem_mb"]} |' for name, d in pyramids for r in d['rows']]
-        for name in ('train', 'cls_train_fp16', 'cls_train_bf16', 'cls_throughput', 'det_train', 'seg_train',
-                     'det_fps', 'seg_fps'):
-            s = next((s for s in self.steps if s['name'] == name and s['data']), None)
-            if s:
-                lines += ['', f'## {name}', '', '```', json.dumps(s['data'], indent=1, default=str), '```']
-        if self.throughput_tables:
-            lines += ['', '## Throughput (benchmarks/throughput.py)']
-        for table in self.throughput_tables:
-            lines += ['', table]
-        return '\n'.join(lines) + '\n'
+        return report.markdown(self.steps, self.throughput_rows, self.throughput_tables, self.dry_run,
+                               time.time() - self.t0, self.budget_s)
 
     def _targets(self) -> List[str]:
-        """The speed targets, from the throughput rows: S's training step >= 1.3x the eager reference at <= 0.7x
-        its peak memory (our best form), inference >= 1.5x, and S ahead of the peer at equal batch in bf16."""
-        rows = self.throughput_rows
-        if not rows:
-            return ['No throughput rows (steps skipped or failed).']
-        out = []
-        for dtype in ('fp16', 'bf16', 'fp32'):
-            for mode in ('train', 'infer'):
-                out += self._vs_reference(mode, dtype)
-        peer = DRY_PEER if self.dry_run else PEER
-        for mode in ('train', 'infer'):
-            out += self._vs_peer(peer, mode, 'fp32' if self.dry_run else 'bf16')
-        return out or ['No ScalableViT-S fast/reference pairs among the rows.']
-
-    def _rows(self, model: str, impls: Sequence[str], mode: str, dtype: str, compiled: Optional[bool] = None,
-              like: Optional[Dict] = None) -> List[Dict]:
-        """The throughput rows of ``model`` in ``impls``, ``mode``, ``dtype`` (and ``compiled``); with ``like``, only
-        those at its batch and image size."""
-        return [r for r in self.throughput_rows if r['model'] == model and r['impl'] in impls and r['mode'] == mode
-                and r['dtype'] == dtype and (compiled is None or r['compiled'] == compiled)
-                and (like is None or (r['batch'], r.get('img_size')) == (like['batch'], like.get('img_size')))]
-
-    def _vs_reference(self, mode: str, dtype: str) -> List[str]:
-        """One line per form of ours (eager, compiled, optimized) against the eager reference, and the verdict."""
-        ref = next(iter(self._rows(OURS, ['reference'], mode, dtype, compiled=False)), None)
-        ours = self._rows(OURS, OUR_FORMS, mode, dtype, like=ref) if ref else []
-        if not ours:
-            return []
-        forms, met = [], []
-        for r in sorted(ours, key=lambda r: (r['impl'], r['compiled'])):
-            form = _form(r)
-            x = r['img_per_s'] / ref['img_per_s']
-            m = r['peak_mem_mb'] / ref['peak_mem_mb'] if r.get('peak_mem_mb') and ref.get('peak_mem_mb') else None
-            forms.append(f'{form} {x:.2f}x' + ('' if m is None else f' at {m:.2f}x the peak memory'))
-            if x >= (1.3 if mode == 'train' else 1.5) and (mode == 'infer' or (m is not None and m <= 0.7)):
-                met.append(form)
-        target = '>= 1.3x at <= 0.7x the peak memory' if mode == 'train' else '>= 1.5x'
-        what = 'training step' if mode == 'train' else 'inference'
-        verdict = f'met ({", ".join(met)})' if met else 'missed'
-        return [f'- S {dtype} {what}, batch {ref["batch"]}, vs the eager reference: {"; ".join(forms)} '
-                f'(target {target}: {verdict})']
-
-    def _vs_peer(self, peer: str, mode: str, dtype: str) -> List[str]:
-        """S against the peer at equal batch, eager against eager and compiled against compiled."""
-        out = []
-        for compiled in (False, True):
-            for p in self._rows(peer, ['timm'], mode, dtype, compiled=compiled):
-                s = next(iter(self._rows(OURS, ['fast'], mode, dtype, compiled=compiled, like=p)), None)
-                if s:
-                    ahead = 'ahead' if s['img_per_s'] > p['img_per_s'] else 'behind'
-                    out.append(f'- S vs {peer}, {dtype} {"training step" if mode == "train" else "inference"} '
-                               f'{"compiled" if compiled else "eager"}, batch {p["batch"]}: {s["img_per_s"]:.1f} vs '
-                               f'{p["img_per_s"]:.1f} img/s ({ahead})')
-        return out
-
-
-def _form(row: Dict) -> str:
-    """How a row of ours ran: eager, compiled, optimized, checkpointed, checkpointed compiled."""
-    if row['impl'] == 'optimized':
-        return 'optimized'
-    if row['impl'] == 'checkpointed':
-        return 'checkpointed compiled' if row['compiled'] else 'checkpointed'
-    return 'compiled' if row['compiled'] else 'eager'
+        return report.targets(self.throughput_rows, self.dry_run)
 
 
 def _text(x) -> str:
     return x.decode(errors='replace') if isinstance(x, bytes) else (x or '')
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _rel_err(a, b) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
-
-
-# -------------------------------------------------------------------------------------------------------------------
-# --fps: inference speed of an mmdet / mmseg model (random weights), in its own process (one default scope each)
-# -------------------------------------------------------------------------------------------------------------------
-
-def fps_main(kind: str, config: str, device: str, shape: Sequence[int], iters: int):
-    """Images/s of ``model.test_step`` on one preprocessed image (the model, as mmdet's benchmark tool times it)."""
-    import numpy as np
-    import torch
-    from mmengine.config import Config
-
-    cfg = Config.fromfile(config)
-    cfg.model.backbone.init_cfg = None  # random weights: speed only
-    img = np.random.default_rng(0).integers(0, 256, (shape[0], shape[1], 3), dtype=np.uint8)
-    if kind == 'det':
-        from mmcv.transforms import Compose
-        from mmdet.apis import init_detector
-        from mmdet.utils import get_test_pipeline_cfg
-        model = init_detector(cfg, None, device=device)
-        pipeline_cfg = get_test_pipeline_cfg(cfg)
-        pipeline_cfg[0].type = 'mmdet.LoadImageFromNDArray'
-        packed = Compose(pipeline_cfg)(dict(img=img, img_id=0))
-        data = dict(inputs=[packed['inputs']], data_samples=[packed['data_samples']])
-    else:
-        from mmseg.apis import init_model
-        from mmseg.apis.inference import _preprare_data
-        model = init_model(cfg, None, device=device)
-        data, _ = _preprare_data(img, model)
-    model.eval()
-    result = dict(config=os.path.basename(config), image=f'{shape[0]}x{shape[1]}', device=device, iters=iters)
-    for dtype in (['fp32', 'fp16'] if device == 'cuda' else ['fp32']):
-        ctx = torch.autocast('cuda', dtype=torch.float16) if dtype == 'fp16' else torch.autocast('cpu', enabled=False)
-        times = []
-        with torch.no_grad(), ctx:
-            for i in range(iters + max(2, iters // 5)):
-                if device == 'cuda':
-                    torch.cuda.synchronize()
-                t = time.perf_counter()
-                out = model.test_step(data)
-                if device == 'cuda':
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - t)
-        times = sorted(times[max(2, iters // 5):])
-        result[f'{dtype}_fps'] = round(1 / times[len(times) // 2], 2)
-        if device == 'cuda':
-            result[f'{dtype}_peak_mem_mb'] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
-    result['input_shape'] = list(out[0].metainfo.get('img_shape', ()))
-    print('FPS_RESULT ' + json.dumps(result), flush=True)
 
 
 def main(argv: Optional[Sequence[str]] = None):
@@ -719,14 +579,7 @@ def main(argv: Optional[Sequence[str]] = None):
     parser.add_argument('--dry-run', action='store_true', help='every step on CPU with tiny sizes (CI)')
     parser.add_argument('--budget-s', type=float, default=450., help='time budget; steps that do not fit are skipped')
     parser.add_argument('--only', nargs='+', default=None, help='run only these steps')
-    parser.add_argument('--fps', choices=['det', 'seg'], help=argparse.SUPPRESS)
-    parser.add_argument('--config', help=argparse.SUPPRESS)
-    parser.add_argument('--device', default=None, help=argparse.SUPPRESS)
-    parser.add_argument('--shape', type=int, nargs=2, help=argparse.SUPPRESS)
-    parser.add_argument('--iters', type=int, default=20, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.fps:
-        return fps_main(args.fps, args.config, args.device, args.shape, args.iters)
 
     import torch
     device = 'cpu' if args.dry_run else 'cuda'
