@@ -509,15 +509,21 @@ def resume_training(args: argparse.Namespace, training: Training, path: str):
 def evaluate_only(args: argparse.Namespace, model: torch.nn.Module, model_ema: Optional[ModelEmaV3],
                   loader_val: DataLoader, device: torch.device, amp_dtype: Optional[torch.dtype]) -> dict:
     """``--eval``: top-1/top-5 of the model (and its EMA) on the validation set."""
-    dist_eval = args.distributed and args.dist_eval
-    model = compiled(model, args)
     with met_by_this_process():
-        test_stats = evaluate(loader_val, model, device, amp_dtype, dist_eval, args.print_freq)
-        _logger.info(f'Accuracy of the network on the {test_stats["count"]} test images: {test_stats["acc1"]:.2f}%')
-        if model_ema is not None:
-            ema_stats = evaluate(loader_val, model_ema.module, device, amp_dtype, dist_eval, args.print_freq)
-            _logger.info(f'Accuracy of the EMA on the {ema_stats["count"]} test images: {ema_stats["acc1"]:.2f}%')
+        test_stats, _ = evaluate_with_ema(args, compiled(model, args), model_ema, loader_val, device, amp_dtype)
     return test_stats
+
+
+def evaluate_with_ema(args: argparse.Namespace, model: torch.nn.Module, model_ema: Optional[ModelEmaV3],
+                      loader_val: DataLoader, device: torch.device, amp_dtype: Optional[torch.dtype]
+                      ) -> Tuple[dict, Optional[dict]]:
+    """Top-1/top-5 of the model and of its EMA (``None`` without one) on the validation set, each logged."""
+    dist_eval = args.distributed and args.dist_eval
+    stats = []
+    for name, net in [('network', model)] + ([('EMA', model_ema.module)] if model_ema is not None else []):
+        stats.append(evaluate(loader_val, net, device, amp_dtype, dist_eval, args.print_freq))
+        _logger.info(f'Accuracy of the {name} on the {stats[-1]["count"]} test images: {stats[-1]["acc1"]:.2f}%')
+    return stats[0], (stats[1] if len(stats) > 1 else None)
 
 
 def make_checkpoint(args: argparse.Namespace, training: Training, loader_val: DataLoader, epoch: int,
@@ -572,15 +578,12 @@ def train_and_evaluate_epoch(args: argparse.Namespace, training: Training, loade
     if stop.step is not None:
         return None
     training.lr_scheduler.step(epoch)
-    dist_eval = args.distributed and args.dist_eval
-    test_stats = evaluate(loader_val, training.model, device, amp_dtype, dist_eval, args.print_freq)
-    _logger.info(f'Accuracy of the network on the {test_stats["count"]} test images: {test_stats["acc1"]:.2f}%')
+    test_stats, ema_stats = evaluate_with_ema(args, training.model, training.model_ema, loader_val, device,
+                                              amp_dtype)
     log_stats = {**{f'train_{k}': v for k, v in train_stats.items()},
                  **{f'test_{k}': v for k, v in test_stats.items()},
                  'epoch': epoch, 'n_parameters': training.n_parameters}
-    if training.model_ema is not None:
-        ema_stats = evaluate(loader_val, training.model_ema.module, device, amp_dtype, dist_eval, args.print_freq)
-        _logger.info(f'Accuracy of the EMA on the {ema_stats["count"]} test images: {ema_stats["acc1"]:.2f}%')
+    if ema_stats is not None:
         log_stats.update({f'test_ema_{k}': v for k, v in ema_stats.items()})
     return log_stats
 
@@ -659,10 +662,7 @@ def main(args: argparse.Namespace) -> dict:
     training = build_training(args, model, model_ema, device, amp_dtype)
     if resume:
         resume_training(args, training, resume)
-    own = StopOnSignal.installed() is None
-    stop = StopOnSignal.installed() or StopOnSignal()
-    if own:
-        stop.install()
+    stop, own = StopOnSignal.installed_or_new()
     try:
         with met_by_this_process():
             return train(args, training, loaders, device, amp_dtype, stop)

@@ -340,14 +340,19 @@ def remove_orphaned_tmp_files(folder: str) -> List[str]:
     return removed
 
 
-def _fsync_folder(folder: str) -> None:
-    """Make a rename in ``folder`` durable."""
+def _fsync(path: str) -> None:
+    """Flush ``path`` (a file, or a folder: the renames in it) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make a rename in ``folder`` durable, where the file system can (some refuse to fsync a folder)."""
+    try:
+        _fsync(folder)
     except OSError:
         pass
 
@@ -363,11 +368,7 @@ def _replacing(path: str, need: int, advice: str):
         os.makedirs(folder, exist_ok=True)
         remove_orphaned_tmp_files(folder)
         yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch's writer reports ENOSPC as RuntimeError('... iostream error')
         raise DiskWriteError(write_failure(path, need, e, advice)) from e

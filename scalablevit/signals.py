@@ -19,7 +19,7 @@ commands of the three tasks run inside one :class:`StopOnSignal`, from their fir
 import os
 import signal
 import threading
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -33,8 +33,8 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 def hold_stop_signals() -> None:
     """Block :data:`STOP_SIGNALS` in this thread (and the threads and processes it starts): one that arrives waits
-    until :meth:`StopOnSignal.install` or :func:`release_stop_signals`. The scripts do this in their first lines,
-    with the standard library only, so that the seconds of importing torch are covered too."""
+    until :meth:`StopOnSignal.install` or :func:`release_stop_signals`. (The scripts do the same in their first
+    lines with the standard library alone, before this module, which imports torch, can be.)"""
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
 
 
@@ -63,7 +63,7 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
     SIGTERM from the main process still ends the worker at once (torch's shutdown), every other one is dropped.
     """
     parent = os.getppid()
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    hold_stop_signals()
     threading.Thread(target=_take_worker_signals, args=(parent,), name='stop-signals', daemon=True).start()
 
 
@@ -107,6 +107,17 @@ class StopOnSignal:
         handler = signal.getsignal(signal.SIGTERM)
         owner = getattr(handler, '__self__', None)
         return owner if isinstance(owner, cls) and owner._pid == os.getpid() else None
+
+    @classmethod
+    def installed_or_new(cls) -> Tuple['StopOnSignal', bool]:
+        """The instance whose handler is in place (the command's, :func:`scalablevit.cli.run_command`), else a new
+        one installed now; and whether it is new (then the caller uninstalls it when it is done)."""
+        stop = cls.installed()
+        if stop is not None:
+            return stop, False
+        stop = cls()
+        stop.install()
+        return stop, True
 
     def __enter__(self) -> 'StopOnSignal':
         self.install()

@@ -267,17 +267,21 @@ class _RunBatches:
 
     def __init__(self, loop: 'ResumableIterBasedTrainLoop'):
         self.loop, self.advancing = loop, loop.iter
-        loader, done = loop.dataloader, loop.iter
-        sampler = self.loop.batch_sampler.sampler
-        self.per_pass = len(loader) if not type(sampler).__name__.startswith('Infinite') else 0
+        done = loop.iter
+        self.per_pass = 0 if loop.batch_sampler.infinite else len(loop.dataloader)
         self.epoch, skip = divmod(done, self.per_pass) if self.per_pass else (0, done)
-        if self.epoch and hasattr(sampler, 'set_epoch'):
-            sampler.set_epoch(self.epoch)
-        loop.batch_sampler.start(done - skip, skip=skip, seed=loop.runner.seed)
+        self._start_pass(skip)
         if done:
             print_log(f'resuming at iteration {done + 1} of {loop.max_iters} (the batches trained on are skipped in '
                       f'the sampler, not read)', logger='current')
         self._batches = None
+
+    def _start_pass(self, skip: int = 0) -> None:
+        """Arm the sampler for pass ``self.epoch`` (its ``set_epoch`` after the first), leaving out ``skip``."""
+        sampler = self.loop.batch_sampler.sampler
+        if self.epoch and hasattr(sampler, 'set_epoch'):
+            sampler.set_epoch(self.epoch)
+        self.loop.batch_sampler.start(self.epoch * self.per_pass, skip=skip, seed=self.loop.runner.seed)
 
     def __iter__(self):
         return self
@@ -293,10 +297,7 @@ class _RunBatches:
             return next(self._batches)
         except StopIteration:  # a sampler with an end: its next pass
             self.epoch += 1
-            sampler = self.loop.batch_sampler.sampler
-            if hasattr(sampler, 'set_epoch'):
-                sampler.set_epoch(self.epoch)
-            self.loop.batch_sampler.start(self.epoch * self.per_pass, seed=self.loop.runner.seed)
+            self._start_pass()
             self._batches = iter(self.loop.dataloader)
             return next(self._batches)
 
@@ -359,11 +360,7 @@ class PreemptionHook(Hook):
                       f'mid-epoch starts that epoch again (use ResumableEpochBasedTrainLoop / '
                       f'ResumableIterBasedTrainLoop)', logger='current', level=logging.WARNING)
         # the command's handler (scalablevit.cli.run_command: installed at its first line), else one of our own
-        self.stop = StopOnSignal.installed()
-        self._own_stop = self.stop is None
-        if self._own_stop:
-            self.stop = StopOnSignal()
-            self.stop.install()
+        self.stop, self._own_stop = StopOnSignal.installed_or_new()
         self._training = True
         # SLURM signals the loader workers too: they leave it to this process
         guard_loader_workers(getattr(loop, 'dataloader', None))
