@@ -41,6 +41,27 @@ class SignalAtIterHook(Hook):
 
 
 @HOOKS.register_module()
+class StartGateHook(Hook):
+    """Hold each rank in ``before_run`` (the Runner is built, training has not begun) until a stop signal has
+    arrived, after writing ``started_rank{r}`` into the work folder: the test signals the job at that moment, not
+    after a guessed delay (a fast machine trains the tiny config to its end in a few seconds)."""
+
+    def __init__(self, timeout: float = 120.0):
+        self.timeout = timeout
+
+    def before_run(self, runner):
+        import time
+        from scalablevit.signals import StopOnSignal
+        with open(os.path.join(runner.work_dir, f'started_rank{get_rank()}'), 'w'):
+            pass
+        end = time.monotonic() + self.timeout
+        stop = StopOnSignal.installed()
+        while time.monotonic() < end and (stop is None or stop.received is None):
+            time.sleep(0.02)
+            stop = StopOnSignal.installed()
+
+
+@HOOKS.register_module()
 class FullDiskAfterEpochHook(Hook):
     """From epoch ``epoch`` + 1 on, every file grows to at most ``limit`` bytes (writes beyond fail with EFBIG, as on a
     full disk) and the disk reports ``free`` bytes free."""

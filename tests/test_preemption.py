@@ -206,23 +206,40 @@ def test_signal_to_the_whole_job_with_loader_workers_resumes_exactly(model, npro
         _assert_same(got, want, f'{model}, {nproc} processes, {workers} workers (persistent: {persistent}), rank {r}')
 
 
+def _wait_for_files(p, paths, timeout=300):
+    """Wait until every one of ``paths`` exists, while ``p`` runs."""
+    end = time.monotonic() + timeout
+    while not all(osp.exists(f) for f in paths):
+        assert p.poll() is None and time.monotonic() < end, f'the job ended ({p.returncode}) before {paths} appeared'
+        time.sleep(0.02)
+
+
 def test_signal_while_the_job_starts_stops_it_with_75(data, tmp_path):
-    """SIGTERM to the whole of ``dist_train.sh`` while it starts (the checks, importing torch in each process):
-    nothing is trained, nothing is saved, exit status 75 and one line: a requeueing script runs it again."""
-    config = _config(tmp_path, 'retinanet', data, 1)
-    for delay in (0.5, 4.0):
-        work = tmp_path / f'work{delay}'
+    """SIGTERM to the whole of ``dist_train.sh`` while it starts: 0.5 s in (the checks, importing torch in each
+    process), and once both Runners are built but before training begins (a hook holds each rank in ``before_run``
+    until the signal is there: a fixed delay lands after the end of the tiny run on a fast machine): nothing is
+    trained, nothing is saved, exit status 75 and one line: a requeueing script runs it again."""
+    gate = _config(tmp_path, 'retinanet', data, 1, [dict(type='StartGateHook')], name='gate')
+    for when, config in (('early', _config(tmp_path, 'retinanet', data, 1)), ('runner built', gate)):
+        work = tmp_path / when.replace(' ', '_')
         p = subprocess.Popen(['bash', 'dist_train.sh', config, '2', '--work-dir', str(work)], cwd=DET, env=_env(),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-        time.sleep(delay)
+        if when == 'early':
+            time.sleep(0.5)
+        else:
+            _wait_for_files(p, [work / f'started_rank{r}' for r in range(2)])
         signal_job(p.pid, signal.SIGTERM)
         out, err = p.communicate(timeout=300)
         assert p.returncode == EXIT_STOPPED, out[-4000:] + err[-4000:]
         line = _stopped_line(err)
-        assert line in ('stopped by SIGTERM before the processes started; nothing to save; run the same command '
-                        'again', 'stopped by SIGTERM before training began; nothing new to save; run the same '
-                        'command again'), err[-4000:]
-        assert not [n for n in (os.listdir(work) if osp.isdir(work) else []) if n.endswith('.pth')]
+        expected = ['stopped by SIGTERM before training began; nothing new to save; run the same command again']
+        if when == 'early':
+            expected.append('stopped by SIGTERM before the processes started; nothing to save; run the same '
+                            'command again')
+        assert line in expected, (when, err[-4000:])
+        assert 'Epoch(train)' not in out, (when, out[-4000:])
+        saved = [n for n in (os.listdir(work) if osp.isdir(work) else []) if n.endswith('.pth')]
+        assert not [n for n in saved if not n.startswith('weights_rank')], saved  # (DumpWeightsHook's, at after_run)
 
 
 @pytest.mark.slow
