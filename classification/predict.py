@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from scalablevit.checkpoint import atomic_write
-from scalablevit.cli import AMP_DTYPES, ParseKwargs, collect_images
+from scalablevit.cli import AMP_DTYPES, ParseKwargs, amp_dtype, collect_images
 from scalablevit.errors import UserError, run_main
 from scalablevit.serving import ExportedModel, load_classifier
 
@@ -215,10 +215,8 @@ def predict(args: argparse.Namespace) -> List[Dict[str, Any]]:
         model, class_names, cfg = build_model(args)
         model.to(device).eval()
         name = getattr(model, 'pretrained_cfg', {}).get('architecture', type(model).__name__)
-        amp_dtype = None
-        if args.amp or args.amp_dtype:
-            amp_dtype = AMP_DTYPES[args.amp_dtype or ('float16' if device.type == 'cuda' else 'bfloat16')]
-        autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+        use_amp = args.amp or args.amp_dtype
+        autocast = torch.autocast(device.type, dtype=amp_dtype(args.amp_dtype, device)) if use_amp else nullcontext()
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             with autocast:

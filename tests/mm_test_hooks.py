@@ -51,6 +51,7 @@ class StartGateHook(Hook):
 
     def before_run(self, runner):
         import time
+
         from scalablevit.signals import StopOnSignal
         with open(os.path.join(runner.work_dir, f'started_rank{get_rank()}'), 'w'):
             pass
