@@ -695,13 +695,8 @@ def format_summary(summary: List[Dict], limits: Dict[str, float]) -> str:
     return '\n'.join(lines)
 
 
-def main(args: argparse.Namespace) -> List[Dict]:
-    args = resolve_defaults(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    compiled_opts = {'no': [False], 'yes': [True], 'both': [False, True]}[args.compile]
-
+def build_rows(args: argparse.Namespace, device: torch.device, compiled_opts: List[bool]) -> List[Row]:
+    """One row per model x implementation x mode x dtype x compiled x batch that the implementation can run."""
     rows: List[Row] = []
     for name in args.models:
         macs = None
@@ -728,9 +723,12 @@ def main(args: argparse.Namespace) -> List[Dict]:
                 m = copy.deepcopy(model) if len(combos) > 1 else model
                 rows.append(Row(name, impl, mode, dtype, compiled, m, device, batch, args.img_size, flops,
                                 linear_flops))
-    if not rows:
-        raise SystemExit('no rows selected (--impl optimized measures inference only: add --mode infer)')
+    return rows
 
+
+def measure(rows: List[Row], args: argparse.Namespace, device: torch.device) -> Dict[str, float]:
+    """Warm up, then time the rows interleaved (``args.repeats`` rounds); memory and profile if asked. Returns the
+    GEMM limit of each dtype (FLOP/s, the best over the run)."""
     limits: Dict[str, float] = {}
     if not args.no_limit:
         for dtype in [d for d in args.dtype if d != 'int8']:
@@ -758,6 +756,11 @@ def main(args: argparse.Namespace) -> List[Dict]:
         for r in rows:
             r.measure_breakdown(args.iters)
 
+    return limits
+
+
+def report(rows: List[Row], limits: Dict[str, float], args: argparse.Namespace, device: torch.device) -> List[Dict]:
+    """Print the table and the summaries; write ``args.json``; returns the records."""
     dev_name = torch.cuda.get_device_name(device) if device.type == 'cuda' else (platform.processor() or 'cpu')
     if device.type == 'cpu':
         dev_name += f', {torch.backends.cpu.get_cpu_capability()}'
@@ -791,6 +794,19 @@ def main(args: argparse.Namespace) -> List[Dict]:
                 serving=serving, header=header), indent=1))
     return records
 
+
+
+def main(args: argparse.Namespace) -> List[Dict]:
+    args = resolve_defaults(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    compiled_opts = {'no': [False], 'yes': [True], 'both': [False, True]}[args.compile]
+    rows = build_rows(args, device, compiled_opts)
+    if not rows:
+        raise SystemExit('no rows selected (--impl optimized measures inference only: add --mode infer)')
+    limits = measure(rows, args, device)
+    return report(rows, limits, args, device)
 
 if __name__ == '__main__':
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s', stream=sys.stderr)

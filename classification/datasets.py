@@ -71,18 +71,16 @@ def build_dataset(is_train: bool, args: argparse.Namespace) -> Tuple[Dataset, in
 
 
 def posterize(img: Image.Image, bits_to_keep: int, **__) -> Image.Image:
-    """timm's RandAugment ``Posterize`` op with the behaviour the released recipe was trained with: 0 bits gives an
-    all-black image.
+    """timm's RandAugment ``Posterize`` op, with 0 bits giving an all-black image (the released recipe's behaviour).
 
-    ``rand-m9-mstd0.5-inc1`` draws 0 bits whenever the noisy magnitude reaches 10 (about once in 650 images). The
-    Pillow the recipe was trained with turned that into black (it masked every bit); recent Pillow (13 here) raises
-    ``ValueError: bits must be between or equal to 1 and 8``, which killed a training run within minutes of an
-    ImageNet epoch. This keeps the released augmentation and runs on any Pillow.
+    ``rand-m9-mstd0.5-inc1`` draws 0 bits when the noisy magnitude reaches 10 (about 1 image in 650); Pillow 13
+    raises ``ValueError`` for 0 bits, so that case is answered here and the others go to Pillow. The patch is
+    listed in ``scalablevit.upstream``.
     """
     if bits_to_keep >= 8:
         return img
     if bits_to_keep <= 0:
-        return img.point([0] * 256 * len(img.getbands()))  # what ImageOps.posterize(img, 0) used to return
+        return img.point([0] * 256 * len(img.getbands()))  # every bit masked: black
     return ImageOps.posterize(img, bits_to_keep)
 
 

@@ -57,6 +57,37 @@ class _Batches:
                 yield step, batch
 
 
+def _forward_backward(model: nn.Module, criterion: nn.Module, samples: torch.Tensor, targets: torch.Tensor,
+                      scaler: torch.amp.GradScaler, device: torch.device, amp_dtype: Optional[torch.dtype],
+                      sync: bool, divisor: int, where: str) -> float:
+    """Loss of one micro-batch and its backward (of the loss over ``divisor``); DDP all-reduces only when ``sync``.
+    Returns the unscaled loss; ``NonFiniteLoss`` (nothing backpropagated) when it is not finite."""
+    no_sync = getattr(model, 'no_sync', None)
+    with no_sync() if no_sync is not None and not sync else nullcontext():
+        with autocast(device, amp_dtype):
+            outputs = model(samples)
+            loss = criterion(outputs, targets)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise NonFiniteLoss(f'loss is {loss_value} at {where}: stopping training '
+                                f'(try a lower --lr, --clip-grad, or --no-amp)')
+        scaler.scale(loss / divisor).backward()
+    return loss_value
+
+
+def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                    clip_grad: Optional[float], model_ema: Optional[ModelEmaV3]):
+    """Step on the accumulated gradient (unscaled and clipped to ``clip_grad`` first if set), then the EMA."""
+    if clip_grad is not None and clip_grad > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    if model_ema is not None:
+        model_ema.update(model)
+
+
 def train_one_epoch(
         model: nn.Module,
         criterion: nn.Module,
@@ -103,26 +134,10 @@ def train_one_epoch(
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
 
-        no_sync = getattr(model, 'no_sync', None)
-        with no_sync() if no_sync is not None and not last_of_group else nullcontext():
-            with autocast(device, amp_dtype):
-                outputs = model(samples)
-                loss = criterion(outputs, targets)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise NonFiniteLoss(f'loss is {loss_value} at epoch {epoch}, step {step}: stopping training '
-                                    f'(try a lower --lr, --clip-grad, or --no-amp)')
-            scaler.scale(loss / group_size).backward()
-
+        loss_value = _forward_backward(model, criterion, samples, targets, scaler, device, amp_dtype,
+                                       sync=last_of_group, divisor=group_size, where=f'epoch {epoch}, step {step}')
         if last_of_group:
-            if clip_grad is not None and clip_grad > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if model_ema is not None:
-                model_ema.update(model)
+            _optimizer_step(model, optimizer, scaler, clip_grad, model_ema)
 
         if device.type == 'cuda':
             torch.cuda.synchronize(device)

@@ -28,7 +28,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -194,13 +194,10 @@ def _check_args(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------------------------------------------------
 
-@torch.no_grad()
-def predict(args: argparse.Namespace) -> List[Dict[str, Any]]:
-    if args.device is None:  # the engines here are CPU engines
-        args.device = 'cuda' if args.backend == 'torch' and torch.cuda.is_available() else 'cpu'
-    _check_args(args)
-    paths = collect_images(args.inputs)
-    device = torch.device(args.device)
+def build_forward(args: argparse.Namespace, device: torch.device
+                  ) -> Tuple[Callable[[torch.Tensor], torch.Tensor], str, List[str], Dict[str, Any]]:
+    """The model of ``args`` as ``forward(images) -> logits`` (an exported file in its engine, or the PyTorch model
+    on ``device`` under the chosen autocast), with its name, class names and preprocessing."""
     exported = args.backend != 'torch' or args.checkpoint.endswith(('.pt2', '.onnx', '.xml'))
     if exported:
         runner, class_names, cfg = build_exported(args)
@@ -224,6 +221,17 @@ def predict(args: argparse.Namespace) -> List[Dict[str, Any]]:
             if device.type == 'cuda':
                 torch.cuda.synchronize(device)
             return out
+    return forward, name, class_names, cfg
+
+
+@torch.no_grad()
+def predict(args: argparse.Namespace) -> List[Dict[str, Any]]:
+    if args.device is None:  # the engines here are CPU engines
+        args.device = 'cuda' if args.backend == 'torch' and torch.cuda.is_available() else 'cpu'
+    _check_args(args)
+    paths = collect_images(args.inputs)
+    device = torch.device(args.device)
+    forward, name, class_names, cfg = build_forward(args, device)
     _logger.info(f'{len(paths)} images; model {name} with {len(class_names)} classes; '
                  f'preprocessing {cfg}')
 

@@ -439,39 +439,28 @@ class ScalableViT(nn.Module):
         self.mlp_head_dim = mlp_head_dim
         self.grad_checkpointing = False
 
-        self.patch_embeds = nn.ModuleList()
-        self.pos_drops = nn.ModuleList()
-        prev_chs = in_chans
-        for i in range(num_stages):
-            if i == 0:
-                self.patch_embeds.append(PatchEmbed(prev_chs, embed_dims[i], patch_size + 3, patch_size, **dd))
-            else:
-                self.patch_embeds.append(PatchEmbed(prev_chs, embed_dims[i], 3, 2, **dd))
-            self.pos_drops.append(nn.Dropout(p=drop_rate))
-            prev_chs = embed_dims[i]
+        # the first embedding is a (patch_size + 3) conv of stride patch_size, the others 3x3 of stride 2
+        in_dims = (in_chans,) + tuple(embed_dims[:-1])
+        self.patch_embeds = nn.ModuleList([
+            PatchEmbed(in_dims[i], embed_dims[i], patch_size + 3 if i == 0 else 3, patch_size if i == 0 else 2, **dd)
+            for i in range(num_stages)])
+        self.pos_drops = nn.ModuleList([nn.Dropout(p=drop_rate) for _ in range(num_stages)])
 
-        dpr = calculate_drop_path_rates(drop_path_rate, sum(depths))  # linear from 0, as released
-        self.stages = nn.ModuleList()
-        self.feature_info = []
-        cur = 0
-        for i in range(num_stages):
-            self.stages.append(nn.ModuleList([Block(
-                dim=embed_dims[i],
-                num_heads=num_heads[i],
-                mlp_ratio=mlp_ratios[i],
-                qkv_bias=qkv_bias,
-                proj_drop=drop_rate,
-                attn_drop=attn_drop_rate,
-                drop_path=dpr[cur + j],
-                sr_ratio=sr_ratios[i],
-                c_ratio=c_ratios[i],
-                ws=wss[i] if j % 2 == 0 else None,
-                norm_layer=norm_layer,
-                **dd,
-            ) for j in range(depths[i])]))
-            self.feature_info += [
-                dict(num_chs=embed_dims[i], reduction=patch_size * 2 ** i, module=f'stage_ends.{i}')]
-            cur += depths[i]
+        dpr = calculate_drop_path_rates(drop_path_rate, sum(depths))  # linear from 0 over all blocks, as released
+        first_block = [sum(depths[:i]) for i in range(num_stages)]
+        block_args = dict(qkv_bias=qkv_bias, proj_drop=drop_rate, attn_drop=attn_drop_rate, norm_layer=norm_layer, **dd)
+        self.stages = nn.ModuleList([nn.ModuleList([Block(
+            embed_dims[i],
+            num_heads[i],
+            mlp_ratio=mlp_ratios[i],
+            drop_path=dpr[first_block[i] + j],
+            sr_ratio=sr_ratios[i],
+            c_ratio=c_ratios[i],
+            ws=wss[i] if j % 2 == 0 else None,  # IWSA and SSA alternate, IWSA first
+            **block_args,
+        ) for j in range(depths[i])]) for i in range(num_stages)])
+        self.feature_info = [
+            dict(num_chs=d, reduction=patch_size * 2 ** i, module=f'stage_ends.{i}') for i, d in enumerate(embed_dims)]
         self.pos_block = nn.ModuleList([PosConv(d, **dd) for d in embed_dims])
         self.stage_ends = nn.ModuleList([TokensToMap() for _ in embed_dims])
         self.norm = norm_layer(self.num_features, **dd)

@@ -324,6 +324,35 @@ def _targets(out: str, fmt: str) -> Dict[str, str]:
     return {'model.pt2': out, 'model.json': stem + '.json'}
 
 
+def _check_export_args(out: str, fmt: str, int8: bool):
+    """``ExportError`` for a format, output name or int8 request :func:`export_model` cannot serve."""
+    if fmt not in EXPORT_FORMATS:
+        raise ExportError(f'--format {fmt}: choose one of {", ".join(EXPORT_FORMATS)}')
+    if not out.endswith(FORMAT_SUFFIX[fmt]):
+        raise ExportError(f'{out}: --format {fmt} writes NAME{FORMAT_SUFFIX[fmt]}')
+    if int8 and fmt != 'openvino':
+        raise ExportError('int8 quantization is done with NNCF on the OpenVINO model: use --format openvino')
+    if os.path.isdir(out):
+        raise ExportError(f'{out} is a folder; name the output file')
+
+
+def _rewrite_meta(fmt: str, exported: Any, tmp: str, meta: Dict[str, Any]):
+    """Store ``meta`` with the exported model in ``tmp``: in the ONNX file's metadata (``exported``: its path), the
+    OpenVINO IR's runtime info (``exported``: the ``ov.Model``), or ``model.json`` beside the pt2 package."""
+    if fmt == 'onnx':
+        import onnx
+        proto = onnx.load(exported)
+        for entry in proto.metadata_props:
+            if entry.key == META_KEY:
+                entry.value = json.dumps(meta)
+        onnx.save(proto, exported)
+    elif fmt == 'openvino':
+        _save_openvino(exported, tmp, meta)
+    else:
+        with open(os.path.join(tmp, 'model.json'), 'w') as f:
+            json.dump(meta, f, indent=1)
+
+
 def export_model(model: nn.Module, out: str, fmt: str, meta: Dict[str, Any], input_size: Sequence[int],
                  threads: Optional[int] = None, int8_calibration: Optional[Iterable[np.ndarray]] = None,
                  int8_subset: int = 300,
@@ -337,14 +366,7 @@ def export_model(model: nn.Module, out: str, fmt: str, meta: Dict[str, Any], inp
     the accuracy it keeps: ``evaluate(runner)`` measures it, its result is stored as ``meta['accuracy']``, and an
     ``ExportError`` it raises stops the export). ``input_size``: (C, H, W), fixed in the graph.
     """
-    if fmt not in EXPORT_FORMATS:
-        raise ExportError(f'--format {fmt}: choose one of {", ".join(EXPORT_FORMATS)}')
-    if not out.endswith(FORMAT_SUFFIX[fmt]):
-        raise ExportError(f'{out}: --format {fmt} writes NAME{FORMAT_SUFFIX[fmt]}')
-    if int8_calibration is not None and fmt != 'openvino':
-        raise ExportError('int8 quantization is done with NNCF on the OpenVINO model: use --format openvino')
-    if os.path.isdir(out):
-        raise ExportError(f'{out} is a folder; name the output file')
+    _check_export_args(out, fmt, int8=int8_calibration is not None)
     model = _prepare(model)
     input_size = tuple(int(s) for s in input_size)
     example = torch.from_numpy(fixed_inputs(input_size, batches=(2,), seed=1)[0])
@@ -377,18 +399,7 @@ def export_model(model: nn.Module, out: str, fmt: str, meta: Dict[str, Any], inp
             meta['accuracy'] = evaluate(runner)
         del runner
         # the check's result goes into the file too: rewrite the metadata, then move the files into place
-        if fmt == 'onnx':
-            import onnx
-            proto = onnx.load(path)
-            for entry in proto.metadata_props:
-                if entry.key == META_KEY:
-                    entry.value = json.dumps(meta)
-            onnx.save(proto, path)
-        elif fmt == 'openvino':
-            _save_openvino(ov_model, tmp, meta)
-        else:
-            with open(os.path.join(tmp, 'model.json'), 'w') as f:
-                json.dump(meta, f, indent=1)
+        _rewrite_meta(fmt, path if fmt != 'openvino' else ov_model, tmp, meta)
         for name, final in _targets(out, fmt).items():
             _copy_into(os.path.join(tmp, name), final)
     finally:

@@ -25,7 +25,7 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -122,7 +122,8 @@ def top1(run, items: Sequence[tuple], preprocessing: Dict[str, Any], batch: int 
     return 100.0 * correct / len(items)
 
 
-def export(args: argparse.Namespace) -> List[str]:
+def _check_args(args: argparse.Namespace) -> str:
+    """The export format of ``args``; ``UserError`` / ``ExportError`` for options that do not go together."""
     fmt = args.format or next((f for f, s in FORMAT_SUFFIX.items() if args.out.endswith(s)), None)
     if fmt is None:
         raise ExportError(f'{args.out}: name the output .onnx, .xml (OpenVINO) or .pt2, or give --format')
@@ -135,6 +136,52 @@ def export(args: argparse.Namespace) -> List[str]:
         raise UserError('--int8 is for the classifier (its accuracy is measured); drop --features')
     if not (os.path.isfile(args.src) or os.path.isdir(args.src)):
         raise UserError(f'{args.src}: no such checkpoint file or timm folder')
+    return fmt
+
+
+def _int8_evaluation(args: argparse.Namespace, model: torch.nn.Module, class_names: List[str], cfg: Dict[str, Any]
+                     ) -> Tuple[List[np.ndarray], Callable[[ExportedModel], Dict[str, Any]]]:
+    """The calibration batches of ``--calibration`` and the check of the int8 model: its top-1 on ``--val`` against
+    the fp32 eager model's, ``ExportError`` when it loses more than ``--max-drop`` points."""
+    calibration = calibration_batches(args.calibration, cfg, args.calibration_size)
+    items = held_out(args.val, class_names)
+    with torch.no_grad():
+        eager = top1(lambda x: [model(torch.from_numpy(x)).numpy()], items, cfg)
+
+    def evaluate(runner: ExportedModel) -> Dict[str, Any]:
+        int8 = top1(runner, items, cfg)
+        result = dict(calibration_images=len(calibration), val_images=len(items), val_folder=os.path.abspath(
+            args.val), top1_fp32_eager=round(eager, 3), top1_int8=round(int8, 3),
+            drop_points=round(eager - int8, 3))
+        if eager - int8 > args.max_drop:
+            raise ExportError(f'int8 top-1 {int8:.2f}% on {len(items)} images of {args.val} against fp32 '
+                              f'{eager:.2f}%: {eager - int8:.2f} points lost, more than --max-drop '
+                              f'{args.max_drop:g}; not written (more or other --calibration images may help)')
+        return result
+
+    return calibration, evaluate
+
+
+def _summary(args: argparse.Namespace, fmt: str, name: str, size: int, meta: Dict[str, Any], seconds: float
+             ) -> List[str]:
+    """What was written and how it was checked, as printed lines."""
+    check = meta['check']
+    lines = [f'{args.src} -> {args.out} ({fmt}, {meta["kind"]} {name}, {meta["precision"]}, '
+             f'input (batch, 3, {size}, {size}): batch dynamic, image size fixed; {seconds:.1f} s)',
+             f'checked with {check["engine"]} on inputs {check["inputs"]}: max relative error against eager '
+             f'{check["max_rel_err"]:.2e}' + (f' (tolerance {check["tolerance"]:.0e})' if check['tolerance'] else
+                                               ' (int8: judged by its accuracy)')]
+    if 'accuracy' in meta:
+        a = meta['accuracy']
+        lines.append(f'int8 top-1 {a["top1_int8"]:.2f}% vs fp32 {a["top1_fp32_eager"]:.2f}% on {a["val_images"]} '
+                     f'held-out images ({a["drop_points"]:+.2f} points lost); calibrated on '
+                     f'{a["calibration_images"]} images')
+    lines.append(f'stored with it: {len(meta["class_names"])} class names, preprocessing {meta["preprocessing"]}')
+    return lines
+
+
+def export(args: argparse.Namespace) -> List[str]:
+    fmt = _check_args(args)
     model, class_names, cfg = load_classifier(args.src, args.model, args.model_kwargs, args.num_classes, args.ema)
     name = model.pretrained_cfg.get('architecture', type(model).__name__)
     size = args.img_size or int(cfg.get('input_size', (3, 224, 224))[-1])
@@ -151,42 +198,12 @@ def export(args: argparse.Namespace) -> List[str]:
     else:
         meta = serving_meta(model, class_names, cfg)
 
-    calibration, evaluate = None, None
-    if args.int8:
-        calibration = calibration_batches(args.calibration, cfg, args.calibration_size)
-        items = held_out(args.val, class_names)
-        with torch.no_grad():
-            eager = top1(lambda x: [model(torch.from_numpy(x)).numpy()], items, cfg)
-
-        def evaluate(runner: ExportedModel) -> Dict[str, Any]:
-            int8 = top1(runner, items, cfg)
-            result = dict(calibration_images=len(calibration), val_images=len(items), val_folder=os.path.abspath(
-                args.val), top1_fp32_eager=round(eager, 3), top1_int8=round(int8, 3),
-                drop_points=round(eager - int8, 3))
-            if eager - int8 > args.max_drop:
-                raise ExportError(f'int8 top-1 {int8:.2f}% on {len(items)} images of {args.val} against fp32 '
-                                  f'{eager:.2f}%: {eager - int8:.2f} points lost, more than --max-drop '
-                                  f'{args.max_drop:g}; not written (more or other --calibration images may help)')
-            return result
-
+    calibration, evaluate = _int8_evaluation(args, model, class_names, cfg) if args.int8 else (None, None)
     t0 = time.perf_counter()
     with torch.no_grad():
         meta = export_model(model, args.out, fmt, meta, (3, size, size), threads=args.threads,
                             int8_calibration=calibration, evaluate=evaluate)
-    check = meta['check']
-    lines = [f'{args.src} -> {args.out} ({fmt}, {meta["kind"]} {name}, {meta["precision"]}, '
-             f'input (batch, 3, {size}, {size}): batch dynamic, image size fixed; {time.perf_counter() - t0:.1f} s)',
-             f'checked with {check["engine"]} on inputs {check["inputs"]}: max relative error against eager '
-             f'{check["max_rel_err"]:.2e}' + (f' (tolerance {check["tolerance"]:.0e})' if check['tolerance'] else
-                                               ' (int8: judged by its accuracy)')]
-    if 'accuracy' in meta:
-        a = meta['accuracy']
-        lines.append(f'int8 top-1 {a["top1_int8"]:.2f}% vs fp32 {a["top1_fp32_eager"]:.2f}% on {a["val_images"]} '
-                     f'held-out images ({a["drop_points"]:+.2f} points lost); calibrated on '
-                     f'{a["calibration_images"]} images')
-    lines.append(f'stored with it: {len(meta["class_names"])} class names, preprocessing {meta["preprocessing"]}')
-    return lines
-
+    return _summary(args, fmt, name, size, meta, time.perf_counter() - t0)
 
 def cli(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser('Export ScalableViT for serving', parents=[get_args_parser()],
