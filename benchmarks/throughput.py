@@ -795,7 +795,6 @@ def report(rows: List[Row], limits: Dict[str, float], args: argparse.Namespace, 
     return records
 
 
-
 def main(args: argparse.Namespace) -> List[Dict]:
     args = resolve_defaults(args)
     if args.threads:
@@ -807,6 +806,7 @@ def main(args: argparse.Namespace) -> List[Dict]:
         raise SystemExit('no rows selected (--impl optimized measures inference only: add --mode infer)')
     limits = measure(rows, args, device)
     return report(rows, limits, args, device)
+
 
 if __name__ == '__main__':
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s', stream=sys.stderr)

@@ -205,6 +205,7 @@ def export(args: argparse.Namespace) -> List[str]:
                             int8_calibration=calibration, evaluate=evaluate)
     return _summary(args, fmt, name, size, meta, time.perf_counter() - t0)
 
+
 def cli(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser('Export ScalableViT for serving', parents=[get_args_parser()],
                                      description=__doc__.split('\n\n')[0],
