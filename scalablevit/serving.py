@@ -110,6 +110,42 @@ def _timm_folder(path: str) -> Tuple[str, Dict[str, Any], List[str], Dict[str, A
     return config['architecture'], kwargs, list(config.get('label_names') or []), cfg, weights
 
 
+def _read_classifier(path: str, model_name: Optional[str], model_kwargs: Optional[Dict[str, Any]],
+                     num_classes: Optional[int], ema: bool):
+    """What :func:`load_classifier` builds from ``path``: (model name, kwargs, num_classes, class names,
+    preprocessing, state dict, the name of the weights' source for errors)."""
+    weights_source = path
+    if os.path.isdir(path):
+        name, kwargs, class_names, cfg, state_dict = _timm_folder(path)
+        name = model_name or name
+        kwargs = {**kwargs, **(model_kwargs or {})}
+        num_classes = num_classes or kwargs.pop('num_classes', None)
+        kwargs.pop('num_classes', None)
+        if ema:
+            raise ExportError(f'--ema: the timm folder {path} holds one set of weights')
+    else:
+        checkpoint = load_checkpoint(path)
+        meta = checkpoint.get('meta')
+        if isinstance(meta, dict) and 'model' in meta:  # main.py's (an mmengine meta records no model)
+            name = model_name or meta['model']
+            kwargs = {**meta.get('model_kwargs', {}), **(model_kwargs or {})}
+            num_classes = num_classes or meta.get('num_classes')
+            class_names = list(meta.get('class_names') or [])
+            cfg = dict(meta.get('pretrained_cfg') or {})
+        else:
+            if not model_name:
+                raise UserError(f'{path} records no model (no "meta" entry: a released or weights-only '
+                                f'file); give --model NAME, e.g. --model scalable_vit_small')
+            name, kwargs, class_names, cfg = model_name, dict(model_kwargs or {}), [], {}
+        if ema:
+            if not isinstance(checkpoint.get('model_ema'), dict):
+                raise UserError(f'--ema: {path} has no model_ema weights')
+            checkpoint, weights_source = checkpoint['model_ema'], f'{path} (model_ema)'
+        from . import unwrap_state_dict
+        state_dict = unwrap_state_dict(checkpoint)
+    return name, kwargs, num_classes, class_names, cfg, state_dict, weights_source
+
+
 def load_classifier(
         path: str,
         model_name: Optional[str] = None,
@@ -127,35 +163,8 @@ def load_classifier(
 
     import scalablevit  # noqa: F401  (registers the entry points)
 
-    weights_source = path
-    if os.path.isdir(path):
-        name, kwargs, class_names, cfg, state_dict = _timm_folder(path)
-        name = model_name or name
-        kwargs = {**kwargs, **(model_kwargs or {})}
-        num_classes = num_classes or kwargs.pop('num_classes', None)
-        kwargs.pop('num_classes', None)
-        if ema:
-            raise ExportError(f'--ema: the timm folder {path} holds one set of weights')
-    else:
-        checkpoint = load_checkpoint(path)
-        meta = checkpoint.get('meta') if isinstance(checkpoint.get('meta'), dict) else None
-        if meta is not None:
-            name = model_name or meta['model']
-            kwargs = {**meta.get('model_kwargs', {}), **(model_kwargs or {})}
-            num_classes = num_classes or meta['num_classes']
-            class_names = list(meta.get('class_names') or [])
-            cfg = dict(meta.get('pretrained_cfg') or {})
-        else:
-            if not model_name:
-                raise UserError(f'{path} records no model (no "meta" entry: a released or weights-only '
-                                f'file); give --model NAME, e.g. --model scalable_vit_small')
-            name, kwargs, class_names, cfg = model_name, dict(model_kwargs or {}), [], {}
-        if ema:
-            if not isinstance(checkpoint.get('model_ema'), dict):
-                raise UserError(f'--ema: {path} has no model_ema weights')
-            checkpoint, weights_source = checkpoint['model_ema'], f'{path} (model_ema)'
-        from . import unwrap_state_dict
-        state_dict = unwrap_state_dict(checkpoint)
+    name, kwargs, num_classes, class_names, cfg, state_dict, weights_source = _read_classifier(
+        path, model_name, model_kwargs, num_classes, ema)
     if num_classes is not None:
         kwargs['num_classes'] = num_classes
     try:

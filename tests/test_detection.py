@@ -16,6 +16,8 @@ from mmcv.ops import nms  # noqa: F401,E402
 
 from scalablevit.mm.checkpoint import load_mm_checkpoint
 
+from tiny_data import make_tiny_coco
+
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 DET = osp.join(ROOT, 'detection')
 CONFIGS = osp.join(DET, 'configs')
@@ -127,11 +129,6 @@ def test_get_flops_prints_params_and_flops():
 @pytest.fixture(scope='module')
 def run_dir(tmp_path_factory):
     """A folder holding data/tiny_coco/ (8 training and 4 validation images, 128 px); scripts run inside it."""
-    sys.path.insert(0, DET)
-    try:
-        from tools.make_tiny_coco import make_tiny_coco
-    finally:
-        sys.path.remove(DET)
     root = tmp_path_factory.mktemp('det')
     make_tiny_coco(str(root / 'data' / 'tiny_coco'), num_train=8, num_val=4, size=128, seed=0)
     return root

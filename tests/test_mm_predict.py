@@ -18,6 +18,8 @@ import mmseg  # noqa: F401
 import numpy as np
 import pytest
 
+from tiny_data import make_tiny_ade, make_tiny_coco
+
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 DET = osp.join(ROOT, 'detection')
 SEG = osp.join(ROOT, 'segmentation')
@@ -66,11 +68,6 @@ def _check_vis(vis_path, input_path):
 @pytest.fixture(scope='module')
 def det(tmp_path_factory):
     """Mask R-CNN (boxes and masks) trained one epoch on the tiny shapes set; its test.py --out and --show-dir."""
-    sys.path.insert(0, DET)
-    try:
-        from tools.make_tiny_coco import make_tiny_coco
-    finally:
-        sys.path.remove(DET)
     root = tmp_path_factory.mktemp('det_predict')
     data = root / 'data' / 'tiny_coco'
     make_tiny_coco(str(data), num_train=4, num_val=3, size=128, seed=0)
@@ -194,11 +191,6 @@ def test_det_predict_bad_input_is_one_line(det, tmp_path):
 @pytest.fixture(scope='module')
 def seg(tmp_path_factory):
     """Semantic FPN trained 6 iterations on the tiny ADE-style set; test.py --show-dir."""
-    sys.path.insert(0, osp.join(SEG, 'tools'))
-    try:
-        from make_tiny_ade import make_tiny_ade
-    finally:
-        sys.path.remove(osp.join(SEG, 'tools'))
     root = tmp_path_factory.mktemp('seg_predict')
     data = make_tiny_ade(str(root / 'tiny_ade'), size=64, num_train=4, num_val=3)
     work = root / 'work'

@@ -17,6 +17,8 @@ import torch
 from scalablevit.errors import UserError
 from scalablevit.mm.checkpoint import load_mm_checkpoint
 
+from tiny_data import make_tiny_ade, make_tiny_coco
+
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 DET = osp.join(ROOT, 'detection')
 SEG = osp.join(ROOT, 'segmentation')
@@ -123,11 +125,6 @@ def test_auto_scale_lr_counts_the_accumulated_batch():
 
 @pytest.fixture(scope='module')
 def ade(tmp_path_factory):
-    sys.path.insert(0, osp.join(SEG, 'tools'))
-    try:
-        from make_tiny_ade import make_tiny_ade
-    finally:
-        sys.path.remove(osp.join(SEG, 'tools'))
     return make_tiny_ade(str(tmp_path_factory.mktemp('scale_ade')), size=64, num_train=4, num_val=2)
 
 
@@ -193,11 +190,6 @@ def _retina_config(tmp_path, data_root):
 def test_two_nodes_end_with_the_weights_of_one_node_two_processes(tmp_path, free_port):
     """NNODES=2 NODE_RANK=0/1 bash dist_train.sh CONFIG 1 (two torchrun agents, one process each) trains the same
     weights, on every rank, as bash dist_train.sh CONFIG 2 on one node."""
-    sys.path.insert(0, DET)
-    try:
-        from tools.make_tiny_coco import make_tiny_coco
-    finally:
-        sys.path.remove(DET)
     data = make_tiny_coco(str(tmp_path / 'tiny_coco'), num_train=8, num_val=1, size=96, seed=1)
     config = _retina_config(tmp_path, osp.join(data, ''))
     hook_path = str(tmp_path)

@@ -121,6 +121,25 @@ def test_configs_follow_the_recipes():
         assert cfg.train_cfg.type == 'ResumableIterBasedTrainLoop'
 
 
+@pytest.mark.parametrize('name, crop', [('tiny/scalablevit-tiny_fpn_1xb2-40_tiny-ade-64x64.py', (64, 64)),
+                                         ('tiny/scalablevit-tiny_upernet_1xb8-1k_shapes-128x128.py', (128, 128))])
+def test_small_configs_pipelines_follow_their_crop(name, crop):
+    """The small configs build their pipelines from their own crop (scalablevit.mm.pipelines): a child's crop_size
+    reaches its pipelines, as it cannot through a _base_'s list."""
+    from mmengine.config import Config
+
+    cfg = Config.fromfile(osp.join(SEG, 'configs', name))
+    assert cfg.crop_size == crop and cfg.model.data_preprocessor.size == crop
+    for loader, steps in (('train_dataloader', ['LoadImageFromFile', 'LoadAnnotations', 'Resize', 'RandomFlip',
+                                                'PackSegInputs']),
+                          ('test_dataloader', ['LoadImageFromFile', 'Resize', 'LoadAnnotations', 'PackSegInputs'])):
+        pipeline = cfg[loader].dataset.pipeline
+        assert [t.type for t in pipeline] == steps
+        resize = next(t for t in pipeline if t.type == 'Resize')
+        assert tuple(resize.scale) == crop and resize.keep_ratio
+        assert next(t for t in pipeline if t.type == 'LoadAnnotations').reduce_zero_label
+
+
 def test_missing_data_is_a_clear_error(tmp_path):
     rc, out = _run([sys.executable, 'train.py', 'configs/scalablevit-s_fpn_4xb4-80k_ade20k-512x512.py',
                     '--work-dir', str(tmp_path), '--cfg-options', f'train_dataloader.dataset.data_root={tmp_path}/no'],

@@ -32,6 +32,8 @@ from scalablevit.checkpoint import (
 )
 from scalablevit.mm.checkpoint import history_buffer_method, load_mm_checkpoint
 
+from tiny_data import make_tiny_ade, make_tiny_coco
+
 REPO = Path(__file__).resolve().parents[1]
 DET = REPO / 'detection'
 SEG = REPO / 'segmentation'
@@ -251,11 +253,6 @@ def _refused(result, path):
 def retina(tmp_path_factory):
     """A real tiny RetinaNet checkpoint (one epoch on 4 images), and a copy of it with code in its recorded config
     text (``meta['cfg']`` and ``meta['config']``) that writes ``marker`` when run."""
-    sys.path.insert(0, str(DET))
-    try:
-        from tools.make_tiny_coco import make_tiny_coco
-    finally:
-        sys.path.remove(str(DET))
     root = tmp_path_factory.mktemp('untrusted')
     data = root / 'data' / 'tiny_coco'
     make_tiny_coco(str(data), num_train=4, num_val=2, size=128, seed=0)
@@ -295,11 +292,6 @@ def test_detection_entry_points_refuse_the_walk(retina, walk, tmp_path):
 
 @pytest.mark.slow
 def test_segmentation_entry_points_refuse_the_walk(walk, tmp_path):
-    sys.path.insert(0, str(SEG / 'tools'))
-    try:
-        from make_tiny_ade import make_tiny_ade
-    finally:
-        sys.path.remove(str(SEG / 'tools'))
     data = make_tiny_ade(str(tmp_path / 'tiny_ade'), size=64, num_train=2, num_val=2)
     image = next(Path(data).rglob('*.jpg'))
     for args in ([SEG / 'test.py', TINY_FPN, walk, '--work-dir', tmp_path / 'test', '--cfg-options',

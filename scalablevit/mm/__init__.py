@@ -11,7 +11,7 @@ config text they record never run). ``import scalablevit`` imports none of this.
 One module per concern: ``backbone``, ``checkpoint`` (reading mmengine checkpoints), ``compat``, ``config``
 (reading a config for this machine, building its model and runner), ``tasks`` (what detection and segmentation do
 differently), ``data`` (own-data flags and checks), ``resume`` (preemption, mid-epoch resume), ``runner`` (train /
-test commands), ``predict``, ``flops``.
+test commands), ``predict``, ``flops``, ``pipelines`` (what several configs build from a scale).
 """
 import warnings
 

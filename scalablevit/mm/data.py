@@ -22,6 +22,7 @@ from ..errors import UserError
 from ..model import unwrap_state_dict
 from .checkpoint import load_mm_checkpoint
 from .config import build_model
+from .pipelines import ratio_resizes
 
 __all__ = ['LOADERS', 'add_data_args', 'apply_data_args', 'check_checkpoint', 'check_config', 'dataset_of',
            'rescale_tta']
@@ -202,6 +203,5 @@ def rescale_tta(cfg) -> Optional[List[Tuple[int, int]]]:
     if base is None or aug is None or not all(t.get('type') == 'Resize' for t in aug['transforms'][0]):
         return None
     base = (base, base) if isinstance(base, int) else tuple(base)
-    scales = [(int(base[0] * r), int(base[1] * r)) for r in ratios]
-    aug['transforms'][0] = [dict(type='Resize', scale=s, keep_ratio=True) for s in scales]
-    return scales
+    aug['transforms'][0] = ratio_resizes(base, ratios)
+    return [t['scale'] for t in aug['transforms'][0]]

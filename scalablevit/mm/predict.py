@@ -34,7 +34,7 @@ import logging
 import os.path as osp
 import sys
 import warnings
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from mmengine.config import DictAction
 from mmengine.logging import print_log
@@ -69,6 +69,22 @@ def _readable(path: str) -> Optional[str]:
     if img is None or img.size == 0:
         return 'not an image mmcv/OpenCV can decode'
     return None
+
+
+def _split_readable(paths: Sequence[str]) -> Tuple[List[str], Dict[str, str]]:
+    """(the paths that read as images, {path: why not} for the others, each warned about); none readable: an error."""
+    skipped = {}
+    readable = []
+    for p in paths:
+        reason = _readable(p)
+        if reason is None:
+            readable.append(p)
+        else:
+            skipped[p] = reason
+            print_log(f'skipping {p}: cannot read it as an image ({reason})', logger='current', level=logging.WARNING)
+    if not readable:
+        raise UserError(f'none of the {len(paths)} input files could be read as an image')
+    return readable, skipped
 
 
 def _dataset_meta(task, cfg, checkpoint: dict) -> dict:
@@ -136,17 +152,7 @@ def predict_main(argv: Optional[List[str]], task) -> dict:
     task.check_scope(cfg)
     inferencer = _make_inferencer(task, cfg, checkpoint, args.weights, device)
 
-    skipped = {}
-    readable = []
-    for p in paths:
-        reason = _readable(p)
-        if reason is None:
-            readable.append(p)
-        else:
-            skipped[p] = reason
-            print_log(f'skipping {p}: cannot read it as an image ({reason})', logger='current', level=logging.WARNING)
-    if not readable:
-        raise UserError(f'none of the {len(paths)} input files could be read as an image')
+    readable, skipped = _split_readable(paths)
     names = dict(zip(paths, _output_names(paths)))
     vis_dir, pred_dir = osp.join(args.out_dir, 'vis'), osp.join(args.out_dir, 'preds')
 

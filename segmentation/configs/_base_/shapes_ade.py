@@ -5,6 +5,7 @@
 # small ScalableViT of detection's first runs (the sizes of detection/configs/_base_/models/scalablevit-tiny.py),
 # so that one --data-set SHAPES pretraining serves all four.
 _base_ = './tiny_ade.py'
+from scalablevit.mm.pipelines import fit_pipelines  # noqa: E402  (after _base_, see ade20k.py)
 
 data_root = 'data/shapes/ADEChallengeData2016'
 crop_size = (128, 128)
@@ -18,19 +19,7 @@ shapes_dataset = dict(type='BaseSegDataset', data_root=data_root, reduce_zero_la
                       seg_map_suffix='.png',
                       metainfo=dict(classes=('background', 'square', 'disc', 'triangle'),
                                     palette=[[0, 0, 0], [230, 25, 75], [60, 180, 75], [0, 130, 200]]))
-train_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='LoadAnnotations', reduce_zero_label=True),
-    dict(type='Resize', scale=crop_size, keep_ratio=True),  # any input fits (the scenes are made at this size)
-    dict(type='RandomFlip', prob=0.5),
-    dict(type='PackSegInputs'),
-]
-test_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='Resize', scale=crop_size, keep_ratio=True),
-    dict(type='LoadAnnotations', reduce_zero_label=True),
-    dict(type='PackSegInputs'),
-]
+train_pipeline, test_pipeline = fit_pipelines(crop_size)  # any input fits (the scenes are made at this size)
 train_dataloader = dict(batch_size=8, dataset=dict(**shapes_dataset, pipeline=train_pipeline))
 val_dataloader = dict(batch_size=8, dataset=dict(**shapes_dataset, pipeline=test_pipeline))
 test_dataloader = val_dataloader

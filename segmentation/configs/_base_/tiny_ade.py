@@ -3,6 +3,7 @@
 # resize any input to fit 64x64, --aug-test at 0.5-1.75 x the test scale, one-image loaders, 40 iterations with a
 # checkpoint and a validation at the end, and the small ScalableViT. For trying the scripts on CPU in seconds.
 _base_ = ['mmseg::_base_/datasets/ade20k.py', './scalablevit_runtime.py', 'mmseg::_base_/schedules/schedule_80k.py']
+from scalablevit.mm.pipelines import fit_pipelines, ratio_tta_pipeline  # noqa: E402  (after _base_, see ade20k.py)
 
 data_root = 'data/tiny_ade/ADEChallengeData2016'
 crop_size = (64, 64)
@@ -14,33 +15,9 @@ tiny_arch = dict(
 tiny_backbone = dict(_delete_=True, type='ScalableViTBackbone', arch=tiny_arch, out_indices=(0, 1, 2, 3),
                      drop_path_rate=0.0, init_cfg=None)
 
-train_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='LoadAnnotations', reduce_zero_label=True),
-    dict(type='Resize', scale=crop_size, keep_ratio=True),  # any input fits the crop (padded to it)
-    dict(type='RandomFlip', prob=0.5),
-    dict(type='PackSegInputs'),
-]
-test_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='Resize', scale=crop_size, keep_ratio=True),
-    dict(type='LoadAnnotations', reduce_zero_label=True),
-    dict(type='PackSegInputs'),
-]
+train_pipeline, test_pipeline = fit_pipelines(crop_size)  # any input fits the crop (padded to it)
 img_ratios = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
-tta_pipeline = [
-    dict(type='LoadImageFromFile', backend_args=None),
-    dict(
-        type='TestTimeAug',
-        transforms=[
-            [dict(type='Resize', scale=(int(crop_size[0] * r), int(crop_size[1] * r)), keep_ratio=True)
-             for r in img_ratios],
-            [dict(type='RandomFlip', prob=0., direction='horizontal'),
-             dict(type='RandomFlip', prob=1., direction='horizontal')],
-            [dict(type='LoadAnnotations')],
-            [dict(type='PackSegInputs')],
-        ])
-]
+tta_pipeline = ratio_tta_pipeline(crop_size, img_ratios)
 train_dataloader = dict(
     batch_size=2, num_workers=0, persistent_workers=False,
     dataset=dict(data_root=data_root, pipeline=train_pipeline))
