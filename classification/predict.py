@@ -241,7 +241,7 @@ def predict(args: argparse.Namespace) -> List[Dict[str, Any]]:
     results: Dict[int, Dict[str, Any]] = {}
     skipped = []
     for b, (indices, images, bad) in enumerate(tqdm(loader, desc='predict', unit='batch', file=sys.stderr,
-                                                   dynamic_ncols=True)):
+                                                   dynamic_ncols=True, disable=not sys.stderr.isatty())):
         for i, err in bad:
             skipped.append(paths[i])
             tqdm.write(f'skipped {err}', file=sys.stderr)

@@ -8,6 +8,7 @@ in-process tests load them through a fixture that restores ``sys.path`` and ``sy
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -225,7 +226,11 @@ def test_digits_pngs_predicted_with_the_accuracy_of_eval(cls_dir, tmp_path):
     preds = tmp_path / 'preds.json'
     r = run('predict.py', [pngs, '--checkpoint', out / 'checkpoint_best.pth', '--results-file', preds, '--quiet'])
     assert r.returncode == 0, r.stderr[-3000:]
-    assert 'predict: 100%' in r.stderr  # the progress bar
+    # stderr is a pipe here: no progress bar (it would interleave with the log), a timing line per batch
+    assert 'predict:' not in r.stderr and '%|' not in r.stderr, r.stderr[-2000:]
+    timings = re.findall(r'^batch (\d+)/(\d+): (\d+) images, model [\d.]+ ms', r.stderr, re.M)
+    assert [int(t[0]) for t in timings] == list(range(1, int(timings[0][1]) + 1))
+    assert sum(int(t[2]) for t in timings) == 360
     results = json.loads(preds.read_text())
     assert len(results) == 360
     correct = sum(Path(e['image']).parent.name == e['topk'][0]['label'] for e in results)
