@@ -60,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone
 
 import timm
 
-from scalablevit.inference import optimize_for_inference
+from scalablevit.inference import LINEAR_KERNELS, optimize_for_inference
 from scalablevit.info import count_macs_by_op
 from scalablevit.model import InteractiveWindowAttention, ScalableSelfAttention, ScalableViT  # registers models
 
@@ -172,7 +172,7 @@ class Row:
 
     def __init__(self, name: str, impl: str, mode: str, dtype: str, compiled: bool, model: torch.nn.Module,
                  device: torch.device, batch: int, img_size: int, flops_per_img: Optional[float] = None,
-                 linear_flops_per_img: Optional[float] = None):
+                 linear_flops_per_img: Optional[float] = None, linear_kernel: str = 'auto'):
         self.name, self.impl, self.mode, self.dtype, self.compiled = name, impl, mode, dtype, compiled
         self.device, self.batch = device, batch
         self.flops_per_img = flops_per_img  # multiply-adds x 2 of one forward pass, or None when unknown
@@ -204,7 +204,8 @@ class Row:
             self.compiled = True
             # its own autocast (the form a user calls), inside the Row's: compiled under an outer autocast alone,
             # the bf16 graph ran at 16 img/s against 40 (ScalableViT-S, batch 8, 2 threads, AMX)
-            self.fn = optimize_for_inference(self.model, dtype=DTYPES[dtype], check=False)
+            self.fn = optimize_for_inference(self.model, dtype=DTYPES[dtype], check=False,
+                                             linear_kernel=linear_kernel)
         else:
             # static shapes: each row compiles once for its one shape (a dynamic-shape recompile is much slower)
             self.fn = torch.compile(self.model, dynamic=False) if compiled else self.model
@@ -312,6 +313,7 @@ class Row:
             median_s=statistics.median(self.times), min_s=min(self.times), times_s=self.times,
             breakdown_s=self.breakdown, max_rel_err_vs_eager=self.max_rel_err,
             linear_gflop_per_s=None if linear_rate is None else round(linear_rate / 1e9, 2),
+            linear_kernels=getattr(self.fn, 'linear_kernels', None) or None,  # optimized: Linear layers per GEMM
         )
 
 
@@ -535,6 +537,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help='forms to measure (optimized: optimize_for_inference, inference rows only; '
                              'checkpointed: gradient checkpointing, training rows only; onnxruntime, openvino: '
                              'the model exported and run by that engine, CPU inference rows only)')
+    parser.add_argument('--linear-kernel', default='auto', choices=LINEAR_KERNELS,
+                        help="optimized rows: optimize_for_inference's fp32 CPU Linear GEMM (auto: the faster of "
+                             "MKL and oneDNN per layer, timed at the first call; mkl: Inductor's own choice)")
     parser.add_argument('--device', default='auto', help='cpu, cuda, cuda:N or auto')
     parser.add_argument('--batch', type=int, nargs='+', default=None,
                         help='batch sizes (default: 8 on CPU, 64 on CUDA); batch 1 rows give the latency')
@@ -599,8 +604,7 @@ def format_table(rows: List[Row], header: str) -> str:
         ref = ref_of(r)
         spread = (max(r.times) - min(r.times)) / statistics.median(r.times)
         rate, frac = r.flop_rate, r.frac_of_limit
-        lines.append([r.name, r.impl, r.mode, r.dtype, 'freeze' if r.impl == 'optimized' else
-                      ('yes' if r.compiled else 'no'), str(r.batch), f'{r.img_per_s:.2f}',
+        lines.append([r.name, r.impl, r.mode, r.dtype, _compiled_cell(r), str(r.batch), f'{r.img_per_s:.2f}',
                       f'{1e3 * r.step_s:.1f}',
                       f'{r.img_per_s / ref.img_per_s:.2f}x' if ref and r is not ref else '',
                       '' if rate is None else f'{rate / 1e9:.1f}', '' if frac is None else f'{100 * frac:.0f}%',
@@ -609,6 +613,14 @@ def format_table(rows: List[Row], header: str) -> str:
                       ref.peak_mem_mb else '', f'{100 * spread:.0f}%',
                       '' if r.max_rel_err is None else f'{r.max_rel_err:.1e}'])
     return header + '\n\n' + _markdown(cols, lines)
+
+
+def _compiled_cell(row: Row) -> str:
+    """'no' / 'yes'; optimized rows: 'freeze', and how many Linear layers run on oneDNN's GEMM if any."""
+    if row.impl != 'optimized':
+        return 'yes' if row.compiled else 'no'
+    kernels = getattr(getattr(row, 'fn', None), 'linear_kernels', None) or {}
+    return f"freeze, oneDNN {kernels['onednn']}/{sum(kernels.values())}" if kernels.get('onednn') else 'freeze'
 
 
 def _markdown(cols: List[str], lines: List[List[str]]) -> str:
@@ -722,7 +734,7 @@ def build_rows(args: argparse.Namespace, device: torch.device, compiled_opts: Li
                 # each row owns its weights: training steps must not change another row's model
                 m = copy.deepcopy(model) if len(combos) > 1 else model
                 rows.append(Row(name, impl, mode, dtype, compiled, m, device, batch, args.img_size, flops,
-                                linear_flops))
+                                linear_flops, args.linear_kernel))
     return rows
 
 

@@ -15,7 +15,13 @@ import torch
 import torch.nn as nn
 
 from scalablevit import ScalableViT
-from scalablevit.inference import optimize_for_inference
+from scalablevit.inference import (
+    _PackedLinear,
+    faster_on_onednn,
+    linear_kernel_times,
+    linear_rows,
+    optimize_for_inference,
+)
 from scalablevit.info import count_macs, count_macs_by_op
 
 # One stage of IWSA + SSA (c_ratio > 1, padded values), plain head: few kernels, so it compiles fast.
@@ -187,6 +193,68 @@ def test_optimize_for_inference_equals_eager_and_freezes(fresh_compile):
         model.head.weight.zero_()
         assert model(x).abs().max() == model.head.bias.abs().max()
         assert torch.equal(fast(x), out)
+
+
+@pytest.mark.slow
+def test_optimize_for_inference_onednn_linears_equal_eager(fresh_compile):
+    """``linear_kernel='onednn'``: every fp32 Linear is pre-packed for oneDNN in a compiled copy of the module tree
+    (the parameters shared, the model and its state dict unchanged) and the outputs stay eager's to 1e-4; ``'auto'``
+    times both kernels per shape and counts its choice; an unknown kernel name is refused."""
+    torch.manual_seed(0)
+    model = ScalableViT(num_classes=10, **MICRO_ARGS)
+    n_linear = sum(type(m) is nn.Linear for m in model.modules())
+    x = torch.randn(2, 3, 56, 56)
+    keys = list(model.state_dict())
+    fast = optimize_for_inference(model, x, linear_kernel='onednn')  # compiles, and checks against eager itself
+    assert fast.linear_kernels == {'onednn': n_linear, 'mkl': 0}
+    compiled_tree = fast._compiled._orig_mod
+    assert compiled_tree is not model and sum(isinstance(m, _PackedLinear) for m in compiled_tree.modules()) == n_linear
+    assert list(model.state_dict()) == keys and sum(type(m) is nn.Linear for m in model.modules()) == n_linear
+    assert {id(p) for p in compiled_tree.parameters()} <= {id(p) for p in model.parameters()}  # shared, not copied
+    with torch.no_grad():
+        eager = model(x)
+        assert ((fast(x) - eager).abs().max() / eager.abs().max()).item() < 1e-4
+    with pytest.raises(ValueError, match='linear_kernel must be'):
+        optimize_for_inference(model, linear_kernel='blas')
+    assert optimize_for_inference(model, dtype=torch.bfloat16).linear_kernel == 'mkl'  # only fp32 graphs use MKL
+    rows = linear_rows(model, x)
+    assert len(rows) == n_linear and rows[model.head] == 2
+    choice = {m: faster_on_onednn(r, m.in_features, m.out_features) for m, r in rows.items()}
+    for m, r in rows.items():  # the cached timing of the two kernels decides
+        t = linear_kernel_times(r, m.in_features, m.out_features)
+        assert choice[m] == (t['onednn'] < 0.95 * t['mkl'])
+    torch._dynamo.reset()
+    auto = optimize_for_inference(model, x)  # 'auto': packs the layers chosen above, and checks against eager
+    assert auto.linear_kernels == {'onednn': sum(choice.values()), 'mkl': n_linear - sum(choice.values())}
+    head = nn.Linear(24, 10)
+    packed = _PackedLinear(head, rows=8)  # packed with a hint of 8 rows, called with 2 x 5
+    z = torch.randn(2, 5, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(z), head(z), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_kernels_table(tmp_path):
+    """benchmarks/linear_kernels.py on a one-stage model: one row per distinct Linear shape of the forward pass
+    (rows = batch x tokens), each kernel's rate, the pick, the per-pass total; an unknown model is one line."""
+    out = tmp_path / 'kernels.json'
+    script = str(REPO / 'benchmarks' / 'linear_kernels.py')
+    cmd = [sys.executable, script, '--model-args', json.dumps(dict(MICRO_ARGS, num_classes=10)), '--img-size', '56',
+           '--batch', '2', '--threads', '1', '--json', str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())['rows']
+    model = ScalableViT(num_classes=10, **MICRO_ARGS)
+    shapes = {(r, m.in_features, m.out_features) for m, r in linear_rows(model, torch.randn(2, 3, 56, 56)).items()}
+    assert {(r['rows'], r['in_features'], r['out_features']) for r in rows} == shapes
+    assert (2, 32, 10) in shapes and (2 * 14 * 14, 32, 64) in shapes  # the head; the stage's MLP at 56 / 4 = 14
+    assert sum(r['layers'] for r in rows) == sum(type(m) is nn.Linear for m in model.modules())
+    for r in rows:
+        assert set(r['seconds']) == {'eager', 'mkl', 'onednn'} and min(r['seconds'].values()) > 0
+        assert r['auto'] == ('onednn' if r['seconds']['onednn'] < 0.95 * r['seconds']['mkl'] else 'mkl')
+    assert proc.stdout.count('\n| ') == len(rows) + 2 and 'all Linear layers, ms per pass' in proc.stdout
+    bad = subprocess.run([sys.executable, script, '--model', 'no_such_model'], capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert bad.returncode != 0 and 'Traceback' not in bad.stderr and 'no_such_model' in bad.stderr
 
 
 @pytest.fixture
