@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
+import throughput  # noqa: E402  (benchmarks/throughput.py, beside this file: its Markdown table)
 import timm  # noqa: E402
 
 import scalablevit  # noqa: E402,F401  (registers the models)
@@ -66,11 +67,7 @@ def format_table(rows: List[Dict]) -> str:
     picked = 1e3 * sum(r['layers'] * r['seconds'][r['auto']] for r in rows)
     lines.append(['all Linear layers, ms per pass', str(sum(r['layers'] for r in rows)),
                   *(f'{total[k]:.2f} ms' for k in KERNELS), f'{picked:.2f} ms'])
-    widths = [max(len(c), *(len(line[i]) for line in lines)) for i, c in enumerate(cols)]
-
-    def fmt(cells):
-        return '| ' + ' | '.join(c.ljust(w) for c, w in zip(cells, widths)) + ' |'
-    return '\n'.join([fmt(cols), '|' + '|'.join('-' * (w + 2) for w in widths) + '|', *map(fmt, lines)])
+    return throughput._markdown(cols, lines)
 
 
 def main(argv: Sequence[str] = None) -> List[Dict]:

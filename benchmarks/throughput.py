@@ -619,7 +619,7 @@ def _compiled_cell(row: Row) -> str:
     """'no' / 'yes'; optimized rows: 'freeze', and how many Linear layers run on oneDNN's GEMM if any."""
     if row.impl != 'optimized':
         return 'yes' if row.compiled else 'no'
-    kernels = getattr(getattr(row, 'fn', None), 'linear_kernels', None) or {}
+    kernels = getattr(row.fn, 'linear_kernels', None) or {}
     return f"freeze, oneDNN {kernels['onednn']}/{sum(kernels.values())}" if kernels.get('onednn') else 'freeze'
 
 

@@ -49,7 +49,7 @@ class OptimizedModel(nn.Module):
         self.inductor_config: Dict[str, object] = {}  # patched around every call (compiling happens inside a call)
         self.linear_kernel = linear_kernel  # 'auto' / 'onednn': chosen and packed at the first call
         self.linear_kernels: Dict[str, int] = {}  # after that call: how many Linear layers run on each kernel
-        self._compile_kwargs = compile_kwargs or {}
+        self._compile_kwargs = compile_kwargs or {}  # torch.compile's arguments, for the packed copy
 
     def train(self, mode: bool = True) -> 'OptimizedModel':
         if mode:
@@ -88,13 +88,10 @@ class OptimizedModel(nn.Module):
             return
         memo = {id(t): t for t in [*self.model.parameters(), *self.model.buffers()]}
         packed = copy.deepcopy(self.model, memo)  # new modules, the same tensors
-        by_name = dict(self.model.named_modules())
-        for name, module in list(packed.named_modules()):
-            for child_name, child in list(module.named_children()):
-                original = by_name[f'{name}.{child_name}' if name else child_name]
-                if original in use:
-                    setattr(module, child_name, _PackedLinear(child, rows[original]))
-        self.__dict__['_compiled'] = torch.compile(packed, backend='inductor', **self._compile_kwargs)
+        for name, module in self.model.named_modules():
+            if module in use:
+                packed.set_submodule(name, _PackedLinear(packed.get_submodule(name), rows[module]))
+        self.__dict__['_compiled'] = torch.compile(packed, **self._compile_kwargs)
 
 
 class _PackedLinear(nn.Module):
@@ -242,11 +239,12 @@ def optimize_for_inference(
         model.set_fused_attn(fused_attn)
 
     compiled = None
+    compile_kwargs = dict(backend='inductor', mode=mode, dynamic=dynamic)
     if compile:
-        compiled = torch.compile(model, backend='inductor', mode=mode, dynamic=dynamic)
+        compiled = torch.compile(model, **compile_kwargs)
     if not (compile and freeze and dtype is None and _packs_for_mkl(model)):
         linear_kernel = 'mkl'  # only frozen fp32 CPU graphs pre-pack Linear weights for MKL
-    optimized = OptimizedModel(model, compiled, dtype, linear_kernel, dict(mode=mode, dynamic=dynamic)).eval()
+    optimized = OptimizedModel(model, compiled, dtype, linear_kernel, compile_kwargs).eval()
     if compile and freeze:
         optimized.inductor_config['freezing'] = True
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import scalablevit.inference as inference
 from scalablevit import ScalableViT
 from scalablevit.inference import (
     _PackedLinear,
@@ -231,6 +232,17 @@ def test_optimize_for_inference_onednn_linears_equal_eager(fresh_compile):
     z = torch.randn(2, 5, 24)
     with torch.no_grad():
         torch.testing.assert_close(packed(z), head(z), rtol=1e-5, atol=1e-5)
+
+
+def test_faster_on_onednn_needs_a_5_percent_lead(monkeypatch):
+    """The 'auto' rule on fixed timings: oneDNN is taken only where it is at least 5% faster than MKL; the timings
+    are cached per shape and thread count, so a shape is timed once per process."""
+    threads = torch.get_num_threads()
+    times = {(7, 8, 9, 'mkl', threads): 1.0, (7, 8, 9, 'onednn', threads): 0.94,
+             (7, 8, 10, 'mkl', threads): 1.0, (7, 8, 10, 'onednn', threads): 0.96}
+    monkeypatch.setattr(inference, '_KERNEL_TIMES', times)
+    assert faster_on_onednn(7, 8, 9) and not faster_on_onednn(7, 8, 10)
+    assert linear_kernel_times(7, 8, 9) == {'mkl': 1.0, 'onednn': 0.94} and len(times) == 4  # read, not re-timed
 
 
 def test_linear_kernels_table(tmp_path):
